@@ -1,0 +1,397 @@
+"""example_metagrads: the exact derivative of a metric Φ, measured after M steps of
+fine-tuning, with respect to each training example's loss weight.
+
+    scores[i] = dΦ(θ_M)/dw_i   where step t minimises  L_t(θ) = Σ_{i∈B_t} w_i·l_i(θ) / |B_t|
+
+Method (reverse-mode through the inner run, with closed-form optimizer adjoints):
+
+  forward   θ_t, s_t = step(θ_{t−1}, s_{t−1}, g_t),  g_t = ∇L_t(θ_{t−1});  saved per step
+  metric    λ = ∇Φ(θ_M)
+  reverse   for t = M..1:  γ_t = adjoint of g_t (optimizer adjoint, elementwise)
+                           scores[i] += γ_t·∇l_i(θ_{t−1}) / |B_t|      (forward mode, per microbatch)
+                           λ ← (∂step/∂θ)ᵀλ + ∇²L_t(θ_{t−1})·γ_t         (forward-over-reverse HVP)
+
+Step 1 needs no Hessian term (nothing upstream of θ_0 is wanted), so for M = 1 the reverse
+sweep is a single forward-mode pass, and parameters whose adjoint is zero carry no tangent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dpg.errors import DpgError
+from dpg.metagrad import optim
+from dpg.metagrad.store import StepStore
+from dpg.metagrad.target import (
+    Microbatch,
+    Target,
+    batch_loss_grad,
+    hvp_and_tangent_scores,
+    prepare_target,
+    tangent_scores,
+)
+
+Params = dict[str, Tensor]
+Metric = Callable[[Params], Tensor]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the target is fine-tuned inside each metagradient (the inner run)."""
+
+    optimizer: str = "adamw"  # "adamw" (optax form, decoupled weight decay) or "sgd"
+    lr: float = 1e-3  # learning rate
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW: added to √v̂
+    eps_root: float = 0.0  # AdamW: added to v̂ under the square root
+    weight_decay: float = 0.0  # decoupled (AdamW) / L2-in-gradient (SGD) weight decay
+    steps: int = 1  # M, inner optimizer steps
+    batch_size: int | None = None  # examples per step; None splits the N examples into M batches
+    microbatch_size: int | None = None  # examples per forward pass; None: the whole batch
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "sgd"):
+            raise DpgError(f"recipe.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.steps < 1:
+            raise DpgError(f"recipe.steps must be at least 1, got {self.steps}")
+        for name in ("batch_size", "microbatch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DpgError(f"recipe.{name} must be at least 1 or null, got {value}")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise DpgError(f"recipe.b1 and recipe.b2 must lie in [0, 1), got {self.b1}, {self.b2}")
+        if self.eps < 0 or self.eps_root < 0 or (self.eps == 0 and self.eps_root == 0 and self.optimizer == "adamw"):
+            raise DpgError("recipe.eps and recipe.eps_root must be ≥ 0 and not both 0")
+
+    def optimizer_record(self) -> optim.Optimizer:
+        if self.optimizer == "sgd":
+            return optim.SGD(self.lr, self.weight_decay)
+        return optim.AdamW(self.lr, self.b1, self.b2, self.eps, self.eps_root, self.weight_decay)
+
+
+class Examples(NamedTuple):
+    input_ids: Tensor  # (N, T) long, right-padded
+    attention_mask: Tensor  # (N, T) 1 on tokens, 0 on padding
+    loss_mask: Tensor  # (N, T) bool: token t is a label (predicted from tokens < t)
+
+
+def make_examples(
+    token_ids: Sequence[Sequence[int]], label_masks: Sequence[Sequence[bool]] | None = None, pad_id: int = 0
+) -> Examples:
+    """Right-pad ragged token lists. Without label masks every token but the first is a label."""
+    if len(token_ids) == 0:
+        raise DpgError("no examples given")
+    n, t = len(token_ids), max(len(x) for x in token_ids)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, t), dtype=torch.long)
+    labels = torch.zeros((n, t), dtype=torch.bool)
+    for i, x in enumerate(token_ids):
+        ids[i, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        attn[i, : len(x)] = 1
+        if label_masks is None:
+            labels[i, 1 : len(x)] = True
+        else:
+            if len(label_masks[i]) != len(x):
+                raise DpgError(f"example {i}: label mask has {len(label_masks[i])} entries for {len(x)} tokens")
+            labels[i, : len(x)] = torch.as_tensor(list(label_masks[i]), dtype=torch.bool)
+    return Examples(ids, attn, labels)
+
+
+@dataclass
+class MetagradResult:
+    scores: Tensor  # (N,) float64 on CPU: dΦ/dw_i, in example order
+    metric: float  # Φ(θ_M)
+    proxy: dict[str, float] = field(default_factory=dict)  # readable companions of Φ (accuracy, norm, ...)
+    losses: list[float] = field(default_factory=list)  # weighted batch loss L_t at each inner step
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: train, metric, reverse, total
+    peak_memory: int | None = None  # bytes on the CUDA device; None on CPU
+
+
+class TrainResult(NamedTuple):
+    params: Params  # θ_M for the trainable parameters
+    losses: list[float]  # weighted batch loss L_t at each inner step
+
+
+def example_metagrads(
+    model: nn.Module,
+    examples: Examples,
+    recipe: Recipe,
+    metric: Metric,
+    weights: Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    offload: str = "cpu",
+    progress: bool = False,
+) -> MetagradResult:
+    """Exact dΦ/dw_i for every example after the inner run `recipe` on `examples`.
+
+    `model` (an HF causal LM or any module with the same call signature) is left unmodified;
+    its parameters with requires_grad are the ones trained. `metric` maps a dict of all
+    parameters (names as in `model.named_parameters()`) to a scalar, higher is better; it
+    may carry a `proxy(params) -> dict` for readable figures. `offload` says where each
+    step's saved state waits for the reverse sweep: "cpu" (default), "disk" or "device".
+    """
+    start = time.perf_counter()
+    device = _resolve_device(model, device)
+    weights = check_inputs(model, examples, recipe, weights)
+    target = prepare_target(model, dtype, device)
+    plan = plan_steps(examples, weights, recipe, device, dtype)
+    opt = recipe.optimizer_record()
+    store = StepStore(offload, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=2 * sum(len(s.microbatches) for s in plan), disable=not progress, desc="metagradient", unit="mb")
+    timings: dict[str, float] = {}
+    try:
+        with _phase(timings, "train", device):
+            params, losses = _inner_run(target, opt, plan, bar, store)
+        with _phase(timings, "metric", device):
+            phi, adj, proxy = _metric_value_and_grad(metric, target, params)
+        del params
+        with _phase(timings, "reverse", device):
+            scores = _reverse_sweep(target, opt, plan, store, adj, len(weights), bar)
+    finally:
+        store.close()
+        bar.close()
+    timings["total"] = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return MetagradResult(scores.cpu(), phi, proxy, losses, timings, peak)
+
+
+def train(
+    model: nn.Module,
+    examples: Examples,
+    recipe: Recipe,
+    weights: Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """The inner run alone (plain fine-tuning, no metagradient): the same steps, same math."""
+    device = _resolve_device(model, device)
+    weights = check_inputs(model, examples, recipe, weights)
+    target = prepare_target(model, dtype, device)
+    plan = plan_steps(examples, weights, recipe, device, dtype)
+    bar = tqdm(total=sum(len(s.microbatches) for s in plan), disable=not progress, desc="train", unit="mb")
+    try:
+        params, losses = _inner_run(target, recipe.optimizer_record(), plan, bar, None)
+    finally:
+        bar.close()
+    return TrainResult(params, losses)
+
+
+class Step(NamedTuple):
+    size: int  # |B_t|, the divisor of the batch loss
+    microbatches: list[Microbatch]
+
+
+def plan_steps(examples: Examples, weights: Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> list[Step]:
+    """Which examples each inner step trains on, cut into microbatches.
+
+    Without `batch_size` the N examples are split in order into M contiguous batches (sizes
+    differ by at most one). With it, step t takes the next `batch_size` examples of the
+    sequence x_1..x_N, x_1.. (wrapping around: several epochs). Inside a step, examples are
+    grouped by length before microbatching to cut padding; the batch mean is unchanged.
+    """
+    n = examples.input_ids.shape[0]
+    if recipe.batch_size is None:
+        batches = list(torch.arange(n).tensor_split(recipe.steps))
+    else:
+        batches = [torch.arange(t * recipe.batch_size, (t + 1) * recipe.batch_size) % n for t in range(recipe.steps)]
+    lengths = examples.attention_mask.sum(1)
+    plan = []
+    for idx in batches:
+        idx = idx[torch.argsort(lengths[idx], stable=True)]
+        size = recipe.microbatch_size or len(idx)
+        mbs = []
+        for part in idx.split(size):
+            width = int(lengths[part].max())
+            mbs.append(
+                Microbatch(
+                    index=part.to(device),
+                    input_ids=examples.input_ids[part, :width].to(device),
+                    attention_mask=examples.attention_mask[part, :width].to(device),
+                    loss_mask=examples.loss_mask[part, :width].to(device, torch.bool),
+                    weights=weights[part].to(device, dtype),
+                )
+            )
+        plan.append(Step(len(idx), mbs))
+    return plan
+
+
+def _inner_run(
+    target: Target, opt: optim.Optimizer, plan: list[Step], bar: tqdm, store: StepStore | None
+) -> tuple[Params, list[float]]:
+    """The M inner steps. With a store, save what each step's adjoint will need."""
+    params, state = target.params, optim.init(opt, target.params)
+    losses = []
+    for t, step in enumerate(plan, 1):
+        grads, loss = _batch_grad(target, params, step, bar)
+        new_params, new_state = optim.step(opt, params, state, grads)
+        if store is not None:
+            record = {"theta": params} if t > 1 else {}  # θ_0 is target.params, always at hand
+            if isinstance(opt, optim.AdamW):
+                record |= {"g": grads, "m": new_state.m, "v": new_state.v}
+            store.put(t, record, keep_on_device=(t == len(plan)))
+        params, state = new_params, new_state
+        losses.append(loss)
+    return params, losses
+
+
+def _batch_grad(target: Target, params: Params, step: Step, bar: tqdm) -> tuple[Params, float]:
+    total, loss = None, 0.0
+    for mb in step.microbatches:
+        grads, ex_losses = batch_loss_grad(target, params, mb, step.size)
+        total = grads if total is None else {k: total[k] + grads[k] for k in total}
+        loss += float((mb.weights * ex_losses).sum()) / step.size
+        bar.update(1)
+    return total, loss
+
+
+def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tuple[float, Params, dict]:
+    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    with torch.enable_grad():
+        phi = metric({**target.frozen, **leaves})
+    if not isinstance(phi, Tensor) or phi.numel() != 1:
+        raise DpgError(f"the metric must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}")
+    if not torch.isfinite(phi):
+        raise DpgError(f"the metric is not finite after the inner run: Φ = {phi.item()}")
+    if not phi.requires_grad:
+        raise DpgError("the metric does not depend on any trainable parameter of the target")
+    grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
+    adj = {k: g for k, g in zip(leaves, grads) if g is not None}
+    if not adj:
+        raise DpgError("the metric does not depend on any trainable parameter of the target")
+    bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
+    proxy_fn = getattr(metric, "proxy", None)
+    proxy = proxy_fn({**target.frozen, **params}) if callable(proxy_fn) else {}
+    return phi.item(), adj, proxy
+
+
+def _reverse_sweep(
+    target: Target, opt: optim.Optimizer, plan: list[Step], store: StepStore, adj: Params, n: int, bar: tqdm
+) -> Tensor:
+    scores = torch.zeros(n, dtype=torch.float64, device=next(iter(adj.values())).device)
+    adj_state = None
+    for t in range(len(plan), 0, -1):
+        step, record = plan[t - 1], store.pop(t)
+        theta = record.get("theta", target.params)
+        state_after = optim.AdamState(t, record["m"], record["v"]) if "m" in record else None
+        gamma, adj_direct, adj_state = optim.step_adjoint(opt, state_after, record.get("g", {}), adj, adj_state)
+        del record, state_after
+        if t == 1:  # nothing upstream of θ_0 is wanted: scores only, no Hessian term
+            for mb in step.microbatches:
+                dl = tangent_scores(target, theta, gamma, mb)
+                scores.index_add_(0, mb.index, dl.double() / step.size)
+                bar.update(1)
+            break
+        hv_sum = None
+        for mb in step.microbatches:
+            hv, dl = hvp_and_tangent_scores(target, theta, gamma, mb, step.size)
+            hv_sum = hv if hv_sum is None else {k: hv_sum[k] + hv[k] for k in hv_sum}
+            scores.index_add_(0, mb.index, dl.double() / step.size)
+            bar.update(1)
+        adj = {k: (hv_sum[k] + adj_direct[k]) if k in adj_direct else hv_sum[k] for k in hv_sum}
+        del hv_sum, adj_direct, gamma, theta
+    return scores
+
+
+def check_inputs(model: nn.Module, examples: Examples, recipe: Recipe, weights: Tensor | None) -> Tensor:
+    """Validate everything before any compute; return the data weights as a (N,) tensor."""
+    if not isinstance(examples, Examples):
+        raise DpgError(f"examples must be dpg.Examples, got {type(examples).__name__}")
+    ids, attn, labels = examples
+    if ids.dim() != 2 or ids.shape != attn.shape or ids.shape != labels.shape:
+        raise DpgError(
+            f"input_ids, attention_mask and loss_mask must share one (N, T) shape, got "
+            f"{tuple(ids.shape)}, {tuple(attn.shape)}, {tuple(labels.shape)}"
+        )
+    n, width = ids.shape
+    if n == 0 or width == 0:
+        raise DpgError("no examples given (empty input_ids)")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise DpgError(f"input_ids must be integer token ids, got {ids.dtype}")
+    attn, labels = attn.bool(), labels.bool()
+    lengths = attn.sum(1)
+    if (lengths == 0).any():
+        raise DpgError(f"examples {_few(lengths == 0)} are empty (no tokens)")
+    if (attn[:, 1:] & ~attn[:, :-1]).any():
+        raise DpgError("attention_mask must be right-padded: tokens first, padding after")
+    if (labels & ~attn).any():
+        raise DpgError("loss_mask marks padding positions as labels")
+    if labels[:, 0].any():
+        raise DpgError("loss_mask[:, 0] must be False: the first token has nothing before it to predict it")
+    no_label = labels.sum(1) == 0
+    if no_label.any():
+        raise DpgError(f"examples {_few(no_label)} have no label tokens (every token masked out of the loss)")
+    vocab = _vocab_size(model)
+    used = ids[attn]
+    if used.min() < 0 or used.max() >= vocab:
+        bad = int(used.max()) if used.max() >= vocab else int(used.min())
+        raise DpgError(
+            f"token id {bad} is outside the target's vocabulary of {vocab}: were the examples tokenized "
+            "with another model's tokenizer?"
+        )
+    limit = _max_positions(model)
+    if limit is not None and int(lengths.max()) > limit:
+        raise DpgError(f"an example has {int(lengths.max())} tokens, more than the target's limit of {limit}")
+    if recipe.batch_size is None and recipe.steps > n:
+        raise DpgError(f"recipe.steps = {recipe.steps} inner steps need at least that many examples, got {n}")
+    if weights is None:
+        return torch.ones(n, dtype=torch.float64)
+    weights = torch.as_tensor(weights).detach().cpu()
+    if weights.shape != (n,):
+        raise DpgError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all():
+        raise DpgError("weights must be finite")
+    return weights
+
+
+def _few(mask: Tensor) -> str:
+    idx = mask.nonzero().flatten().tolist()
+    return ", ".join(map(str, idx[:5])) + (f" (and {len(idx) - 5} more)" if len(idx) > 5 else "")
+
+
+def _vocab_size(model: nn.Module) -> int:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or not hasattr(emb, "num_embeddings"):
+        raise DpgError("the target must be a causal LM with token embeddings (get_input_embeddings())")
+    return emb.num_embeddings
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+class _phase:
+    """Time a phase, synchronising the GPU so the figure is the phase's own."""
+
+    def __init__(self, timings: dict[str, float], name: str, device: torch.device):
+        self.timings, self.name, self.device = timings, name, device
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[self.name] = time.perf_counter() - self.start
