@@ -17,6 +17,10 @@ def ragged_examples(n=6, seed=0, prompt=2):
     return make_examples(ids, masks, pad_id=0)
 
 
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
 def head_name(model):
     head = model.get_output_embeddings().weight
     return next(n for n, p in model.named_parameters() if p is head)
@@ -80,3 +84,210 @@ def test_scores_match_unrolled_autograd(family, tied, opt, steps, mb, metric_kin
     # The caller's model is untouched.
     for k, p in model.state_dict().items():
         assert torch.equal(p, before[k]), k
+
+
+def test_weights_and_epoch_wraparound_match_reference():
+    """Non-unit data weights and batch_size with M·B > N (examples revisited across steps)."""
+    model = tiny_model("gpt2", False)
+    examples = ragged_examples()
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.5, 1.0], dtype=torch.float64)
+    recipe = Recipe(lr=1e-2, steps=3, batch_size=4, microbatch_size=3)
+    metric = lm_metric(model)
+    ref, _ = unrolled_scores(model, examples, recipe, metric, weights)
+    res = example_metagrads(model, examples, recipe, metric, weights, dtype=torch.float64)
+    assert (res.scores - ref).norm() / ref.norm() < 1e-8
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_scores_match_central_finite_differences(opt):
+    """Central differences on w. AdamW's update g/(|g|+eps) bends on the scale of eps, so
+    the difference step h must be small against eps for O(h²) accuracy: eps = 1e-3 here.
+    (With eps = 1e-8 the differences still converge to the engine's value as h → 0.)"""
+    model = tiny_model("gpt2", True)
+    examples = ragged_examples()
+    recipe = Recipe(optimizer=opt, lr=1e-2 if opt == "adamw" else 0.5, steps=2, eps=1e-3)
+    metric = lm_metric(model)
+    res = example_metagrads(model, examples, recipe, metric, dtype=torch.float64)
+    h = 1e-5
+    full = {k: p.detach() for k, p in model.named_parameters()}
+    for i in (0, 3, 5):
+        phis = []
+        for sign in (1, -1):
+            w = torch.ones(6, dtype=torch.float64)
+            w[i] += sign * h
+            trained = train(model, examples, recipe, w, dtype=torch.float64).params
+            phis.append(metric(full | trained).item())
+        fd = (phis[0] - phis[1]) / (2 * h)
+        assert res.scores[i].item() == pytest.approx(fd, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("metric_kind", ["head", "lm"])
+@pytest.mark.parametrize("opt,steps", [("sgd", 1), ("sgd", 3), ("adamw", 1), ("adamw", 3)])
+def test_fp32_scores_agree_with_fp64(family, metric_kind, opt, steps):
+    """fp32 engine vs fp64 engine. AdamW's metagradient through a fresh-state step weights
+    coordinate j by eps/(|g_j|+eps)², so coordinates whose gradient is of order eps
+    dominate it, and fp32 rounding of those small gradients shows: on these tiny models the
+    fp32 error is ~1e-4 at eps = 1e-4 but ~1e-2 at eps = 1e-6 and O(1) at eps = 1e-8 for
+    an M = 1 head metric (README, "Precision"). SGD has no such amplification."""
+    model = tiny_model(family, False)
+    examples = ragged_examples()
+    recipe = Recipe(optimizer=opt, lr=1e-2 if opt == "adamw" else 0.5, steps=steps, microbatch_size=2, eps=1e-4)
+    metric = lm_metric(model) if metric_kind == "lm" else head_metric(model)
+    s64 = example_metagrads(model, examples, recipe, metric, dtype=torch.float64).scores
+    s32 = example_metagrads(model, examples, recipe, metric, dtype=torch.float32).scores
+    tol = 1e-5 if opt == "sgd" else 1e-3
+    assert (s32 - s64).norm() / s64.norm() < tol
+
+
+def test_offload_modes_agree():
+    model = tiny_model("gpt2", False)
+    examples = ragged_examples()
+    recipe = Recipe(lr=1e-2, steps=3, microbatch_size=4)
+    metric = head_metric(model)
+    runs = [example_metagrads(model, examples, recipe, metric, dtype=torch.float64, offload=o).scores for o in ("cpu", "disk", "device")]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("family,tol", [("gpt2", 1e-9), ("llama", 1e-5)])  # Llama: fp32 RMSNorm
+def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol):
+    """tangent_scores and the HVP pass against per-example autograd gradients."""
+    from dpg.metagrad.engine import plan_steps
+    from dpg.metagrad.target import batch_loss_grad, hvp_and_tangent_scores, prepare_target, tangent_scores
+
+    model = tiny_model(family, True)
+    examples = ragged_examples()
+    target = prepare_target(model, torch.float64, torch.device("cpu"))
+    (step,) = plan_steps(examples, torch.ones(6, dtype=torch.float64), Recipe(), torch.device("cpu"), torch.float64)
+    (mb,) = step.microbatches
+    g = torch.Generator().manual_seed(5)
+    tangent = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in target.params.items()}
+    dl = tangent_scores(target, target.params, tangent, mb)
+    hv, dl2 = hvp_and_tangent_scores(target, target.params, tangent, mb, step.size)
+    leaves = {k: p.detach().clone().requires_grad_(True) for k, p in target.params.items()}
+    def math():
+        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+
+    with math():  # CPU flash attention has no double backward
+        losses = example_losses_ref(target.module, leaves, mb.input_ids, mb.attention_mask, mb.loss_mask)
+    brute = []
+    for i in range(len(losses)):
+        gi = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True)
+        brute.append(sum((a * tangent[k]).sum() for a, k in zip(gi, leaves)))
+    brute = torch.stack(brute)
+    assert rel_err(dl, brute) < tol and rel_err(dl2, brute) < tol
+    # HVP against double backward of the batch loss.
+    loss = losses.sum() / step.size
+    with math():
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, retain_graph=True)
+        dot = sum((a * tangent[k]).sum() for a, k in zip(grads, leaves))
+        ref = dict(zip(leaves, torch.autograd.grad(dot, list(leaves.values()), retain_graph=True)))
+    for k in ref:
+        assert rel_err(hv[k], ref[k]) < tol, k
+    # And the plain gradient pass.
+    g_mb, _ = batch_loss_grad(target, target.params, mb, step.size)
+    for k, a in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
+        assert rel_err(g_mb[k], a) < tol, k
+
+
+def test_diagnostics_are_reported():
+    model = tiny_model("gpt2", False)
+    res = example_metagrads(model, ragged_examples(), Recipe(steps=2), head_metric(model))
+    assert set(res.timings) == {"train", "metric", "reverse", "total"}
+    assert all(v >= 0 for v in res.timings.values())
+    assert res.peak_memory is None  # CPU
+    assert res.scores.dtype == torch.float64 and res.scores.shape == (6,)
+    ref_loss = example_losses_ref(model, dict(model.named_parameters()), *ragged_examples()[:2], ragged_examples().loss_mask)[:3].mean()
+    assert res.losses[0] == pytest.approx(ref_loss.item(), rel=1e-5)
+
+
+# --- bad input: a clear error naming the problem, before any compute ---------------------
+
+
+def test_empty_examples_rejected():
+    with pytest.raises(DpgError, match="no examples"):
+        make_examples([])
+    model = tiny_model("gpt2", False)
+    ex = make_examples([[1, 2, 3], []])
+    with pytest.raises(DpgError, match="empty"):
+        example_metagrads(model, ex, Recipe(), head_metric(model))
+
+
+def test_all_masked_example_rejected():
+    model = tiny_model("gpt2", False)
+    ex = make_examples([[1, 2, 3], [4, 5, 6]], [[False, True, True], [False, False, False]])
+    with pytest.raises(DpgError, match=r"examples 1 have no label tokens"):
+        example_metagrads(model, ex, Recipe(), head_metric(model))
+
+
+def test_mismatched_vocabulary_rejected():
+    model = tiny_model("gpt2", False)
+    ex = make_examples([[1, 2, VOCAB + 3]])
+    with pytest.raises(DpgError, match=f"token id {VOCAB + 3} is outside the target's vocabulary of {VOCAB}"):
+        example_metagrads(model, ex, Recipe(), head_metric(model))
+
+
+def test_too_long_rejected():
+    model = tiny_model("gpt2", False)
+    ex = make_examples([list(range(1, 36))])
+    with pytest.raises(DpgError, match="35 tokens, more than the target's limit of 32"):
+        example_metagrads(model, ex, Recipe(), head_metric(model))
+
+
+def test_nan_metric_rejected():
+    model = tiny_model("gpt2", False)
+    name = next(iter(dict(model.named_parameters())))
+    with pytest.raises(DpgError, match="not finite"):
+        example_metagrads(model, ragged_examples(), Recipe(), lambda p: p[name].sum() * float("nan"))
+
+
+def test_metric_independent_of_trained_params_rejected():
+    model = tiny_model("gpt2", False)
+    with pytest.raises(DpgError, match="does not depend"):
+        example_metagrads(model, ragged_examples(), Recipe(), lambda p: torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_bad_recipe_and_weights_rejected():
+    model = tiny_model("gpt2", False)
+    with pytest.raises(DpgError, match="optimizer"):
+        Recipe(optimizer="lion")
+    with pytest.raises(DpgError, match="steps"):
+        Recipe(steps=0)
+    with pytest.raises(DpgError, match="at least that many examples"):
+        example_metagrads(model, ragged_examples(3), Recipe(steps=4), head_metric(model))
+    with pytest.raises(DpgError, match=r"weights must have shape \(6,\)"):
+        example_metagrads(model, ragged_examples(), Recipe(), head_metric(model), torch.ones(5))
+
+
+def test_model_without_higher_order_derivatives_is_refused():
+    """An op with no forward-mode derivative gives a clear error, never a wrong number."""
+
+    class NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.tanh()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - x.tanh() ** 2)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+            out.logits = NoJvp.apply(out.logits)
+            return out
+
+    inner = tiny_model("gpt2", False)
+    model = Wrapped(inner)
+    name = "inner.lm_head.weight"
+    with pytest.raises(DpgError, match="no forward-mode or second-order derivative"):
+        example_metagrads(model, ragged_examples(), Recipe(), lambda p: -p[name].square().sum())

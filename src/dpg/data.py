@@ -1,0 +1,92 @@
+"""Text in, target token batches out.
+
+Every text the target trains or is measured on goes through `encode_texts`: it cannot fail
+on odd generated text (empty, whitespace, invalid UTF-8 decoded with replacement characters,
+only special-token strings, longer than the limit); it truncates and always leaves at least
+one label token, so the engine's loss is defined for every example.
+
+Layout of one example:  [bos] prompt... text... [eos]   labels on text and eos.
+`bos` is the tokenizer's BOS token, else its EOS token (GPT-2 style separator), else none.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from dpg.errors import DpgError
+from dpg.metagrad.engine import Examples, make_examples
+
+
+def encode_texts(
+    tokenizer, texts: Sequence[str], max_length: int, prompts: Sequence[str] | None = None
+) -> Examples:
+    """Tokenize `texts` (and optional `prompts` before them, not trained on) for the target."""
+    if max_length < 2:
+        raise DpgError(f"max_length must be at least 2 (a start token and one label), got {max_length}")
+    if prompts is not None and len(prompts) != len(texts):
+        raise DpgError(f"{len(prompts)} prompts for {len(texts)} texts")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    end = tokenizer.eos_token_id
+    head = [start] if start is not None else []
+    tail = [end] if end is not None else []
+    ids, masks = [], []
+    for i, text in enumerate(texts):
+        # split_special_tokens: text that spells "<|endoftext|>" is trained on as text, so
+        # generated strings can never inject control tokens into the target's data.
+        body = _tokens(tokenizer, text) + tail
+        if not body:
+            raise DpgError(f"text {i} is empty and the tokenizer has no EOS token to train on")
+        room = max_length - len(head)
+        body = body[:room]  # over-long text is cut at the end...
+        prompt = _tokens(tokenizer, prompts[i]) if prompts is not None else []
+        prompt = prompt[max(0, len(prompt) - (room - len(body))) :] if room > len(body) else []  # ...a prompt at its start
+        seq = head + prompt + body
+        label = [False] * (len(head) + len(prompt)) + [True] * len(body)
+        label[0] = False  # nothing precedes the first token to predict it
+        if not any(label):
+            raise DpgError(f"text {i} leaves no token to train on within max_length = {max_length}")
+        ids.append(seq)
+        masks.append(label)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end or 0)
+    return make_examples(ids, masks, pad_id=pad)
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    if not text:
+        return []
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def decode_bytes(data: bytes) -> str:
+    """Bytes to text, never failing: invalid UTF-8 becomes U+FFFD."""
+    return data.decode("utf-8", errors="replace")
+
+
+def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[str] | None]:
+    """Examples from a file: JSONL rows with `field` (and optional "prompt"), or plain text
+    with one example per line. Returns (texts, prompts or None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DpgError(f"data file not found: {path}")
+    raw = decode_bytes(path.read_bytes())
+    if path.suffix in (".jsonl", ".json"):
+        texts, prompts = [], []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DpgError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or field not in row:
+                raise DpgError(f"{path}:{n}: expected an object with a {field!r} field")
+            texts.append(str(row[field]))
+            prompts.append(str(row.get("prompt", "")))
+        result = texts, (prompts if any(prompts) else None)
+    else:
+        result = [line for line in raw.splitlines() if line.strip()], None
+    if not result[0]:
+        raise DpgError(f"{path} holds no examples")
+    return result
