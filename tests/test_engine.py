@@ -291,3 +291,18 @@ def test_model_without_higher_order_derivatives_is_refused():
     name = "inner.lm_head.weight"
     with pytest.raises(DpgError, match="no forward-mode or second-order derivative"):
         example_metagrads(model, ragged_examples(), Recipe(), lambda p: -p[name].square().sum())
+
+
+@pytest.mark.parametrize("opt,tied", [("adamw", False), ("sgd", True)])
+def test_llama_in_strict_fp64_matches_reference_to_1e8(opt, tied):
+    """With HF's internal fp32 casts promoted (float64_everywhere), Llama is exact to fp64."""
+    from dpg.metagrad.precision import float64_everywhere
+
+    model = tiny_model("llama", tied)
+    examples = ragged_examples()
+    recipe = Recipe(optimizer=opt, lr=1e-2 if opt == "adamw" else 0.5, steps=3, microbatch_size=2)
+    metric = lm_metric(model)
+    with float64_everywhere():
+        ref, _ = unrolled_scores(model, examples, recipe, metric)
+        res = example_metagrads(model, examples, recipe, metric, dtype=torch.float64)
+    assert rel_err(res.scores, ref) < 1e-8

@@ -44,15 +44,20 @@ Metric = Callable[[Params], Tensor]
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the target is fine-tuned inside each metagradient (the inner run)."""
+    """How the target is fine-tuned inside each metagradient (the inner run).
+
+    Defaults are the paper's AdamW for GPT-2 targets. eps_root matters: it makes the first
+    update linear, not sign-like, for gradients below ~√eps_root, which keeps the
+    metagradient well conditioned (see README, "Precision").
+    """
 
     optimizer: str = "adamw"  # "adamw" (optax form, decoupled weight decay) or "sgd"
-    lr: float = 1e-3  # learning rate
+    lr: float = 5e-6  # learning rate
     b1: float = 0.9  # AdamW first-moment decay
-    b2: float = 0.999  # AdamW second-moment decay
-    eps: float = 1e-8  # AdamW: added to √v̂
-    eps_root: float = 0.0  # AdamW: added to v̂ under the square root
-    weight_decay: float = 0.0  # decoupled (AdamW) / L2-in-gradient (SGD) weight decay
+    b2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW: added to √(v̂ + eps_root)
+    eps_root: float = 1e-9  # AdamW: added to v̂ under the square root
+    weight_decay: float = 1e-4  # decoupled (AdamW, scaled by lr) / L2-in-gradient (SGD) weight decay
     steps: int = 1  # M, inner optimizer steps
     batch_size: int | None = None  # examples per step; None splits the N examples into M batches
     microbatch_size: int | None = None  # examples per forward pass; None: the whole batch

@@ -1,0 +1,29 @@
+"""float64_everywhere: run a model truly in fp64 for exactness checks.
+
+HF models cast to fp32 inside some layers even when their weights are fp64 (Llama's RMSNorm
+and rotary tables, the eager attention softmax). That leaves ~1e-7 relative noise in a
+"float64" forward, which is harmless for training but ruins finite differences: the noise
+divided by the step h swamps the derivative. Inside this context every cast to a lower
+float precision (`.to(float32)`, `.float()`, `dtype=torch.float32` arguments) is promoted to
+fp64, so the whole computation is fp64 and finite differences reach 1e-8.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+_CASTS = (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16)
+
+
+class float64_everywhere(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _CASTS:
+            return args[0].to(torch.float64)
+        if func is torch.Tensor.to:
+            args = tuple(torch.float64 if a in _LOW else a for a in args)
+        if kwargs.get("dtype") in _LOW:
+            kwargs["dtype"] = torch.float64
+        return func(*args, **kwargs)
