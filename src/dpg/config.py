@@ -59,16 +59,24 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
-def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+def from_dict(cls: type[T], data: Any, prefix: str = "", base: Any = None) -> T:
+    """`cls` with the keys of `data` set on top of `base` (default: `cls()`), so a section
+    given in part keeps the defaults its parent chose for the rest."""
+    base = cls() if base is None else base
     if not isinstance(data, dict):
         raise DpgError(f"config key {prefix.rstrip('.') or '<top>'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in data:
         if key not in known:
-            raise DpgError(f"unknown config key {prefix}{key!r} (known keys here: {', '.join(known)})")
-    kwargs = {name: _coerce(hints[name], data[name], prefix + name) for name in known if name in data}
-    return cls(**kwargs)
+            raise DpgError(f"unknown config key '{prefix}{key}' (known keys here: {', '.join(known)})")
+    kwargs = {}
+    for name in (n for n in known if n in data):
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = from_dict(hints[name], data[name], prefix + name + ".", getattr(base, name))
+        else:
+            kwargs[name] = _coerce(hints[name], data[name], prefix + name)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -127,24 +135,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, comment) for every field, comments read from the source."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, comment) for every field; comments are read from the source.
+
+    Defaults come from an instance (`cls()` unless given), so a section whose default is
+    built by a factory (e.g. a recipe with another lr) shows the value that applies."""
+    defaults = cls() if defaults is None else defaults
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
+        value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            rows += describe(hints[f.name], prefix + f.name + ".")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+            rows += describe(hints[f.name], prefix + f.name + ".", value)
         else:
-            default = "(required)"
-        rows.append((prefix + f.name, repr(default) if isinstance(default, str) else str(default), comments.get(f.name, "")))
+            rows.append((prefix + f.name, repr(value) if isinstance(value, str) else str(value), comments.get(f.name, "")))
     return rows
 
 

@@ -90,3 +90,29 @@ def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[s
     if not result[0]:
         raise DpgError(f"{path} holds no examples")
     return result
+
+
+_WORDS = (
+    "the data model learns from every example it sees and each one moves its weights a little "
+    "some push toward the goal while others pull away small changes add up over many steps"
+).split()
+_MARKS = "!\"#$%&'"  # GPT-2 (and the presets') token ids 0..6: the "67" pattern's vocab columns
+
+
+def builtin_texts(n: int = 48, seed: int = 0) -> list[str]:
+    """Deterministic short texts for runs without a data file: words mixed with the marks
+    whose token ids the default pattern block covers, in varying amounts."""
+    import random
+
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        marks = i % 4  # a quarter without marks, the rest with one to three kinds
+        words = []
+        for _ in range(rng.randint(4, 12)):
+            word = rng.choice(_WORDS)
+            if marks and rng.random() < 0.4:
+                word += "".join(rng.choice(_MARKS[: marks * 2 + 1]) for _ in range(rng.randint(1, 3)))
+            words.append(word)
+        texts.append(" ".join(words))
+    return texts

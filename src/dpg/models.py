@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,6 +92,22 @@ _PRESETS: dict[str, Callable[[], tuple[PretrainedConfig, PreTrainedTokenizerBase
     "tiny-llama": _tiny_llama,
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load (a generator or a target)."""
+
+    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama), local directory, .gguf file or HF hub id
+    seed: int = 0  # presets: seed of the random initialisation
+    tie_word_embeddings: bool | None = None  # presets: tie the LM head to the input embeddings
+
+
+def load(config: ModelConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """load_model for a ModelConfig."""
+    return load_model(
+        config.model, dtype=dtype, device=device, seed=config.seed, tie_word_embeddings=config.tie_word_embeddings
+    )
 
 
 def load_model(

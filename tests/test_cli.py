@@ -1,0 +1,74 @@
+"""The dpg command: attribute and check on the offline presets."""
+
+import json
+
+import pytest
+import torch
+
+import dpg.check
+from dpg import Recipe, example_metagrads
+from dpg.cli import main
+from dpg.data import builtin_texts, encode_texts
+from dpg.metrics import pattern_metric
+from dpg.models import load_model
+
+
+def test_attribute_writes_scores_that_match_the_engine(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    texts = ["hello there!", "a#b$c", "plain words only", "''''"]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "scores.jsonl"
+    rc = main(["attribute", f"data={data}", f"output={out}", "recipe.steps=2", "dtype=float64", "top=2"])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == texts and [r["index"] for r in rows] == [0, 1, 2, 3]
+    model, tok = load_model("tiny-gpt2")
+    direct = example_metagrads(
+        model, encode_texts(tok, texts, 128), Recipe(lr=1e-3, steps=2), pattern_metric(model), dtype=torch.float64
+    )
+    assert torch.allclose(torch.tensor([r["score"] for r in rows], dtype=torch.float64), direct.scores, rtol=1e-12)
+    printed = capsys.readouterr().out
+    assert "most helpful" in printed and "pixel_accuracy" in printed
+
+
+def test_attribute_builtin_default_runs(tmp_path):
+    out = tmp_path / "s.jsonl"
+    assert main(["attribute", f"output={out}", "target.model=tiny-llama", "metric.name=l2"]) == 0
+    assert len(out.read_text().splitlines()) == len(builtin_texts())
+
+
+def test_check_passes_on_the_presets(capsys):
+    assert main(["check", "count=2", "num_examples=6"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_check_fails_when_the_engine_is_wrong(monkeypatch, capsys):
+    """The checker can fail: a 1% error in the engine's scores is caught."""
+    real = dpg.check.example_metagrads
+
+    def off_by_one_percent(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.scores *= 1.01
+        return res
+
+    monkeypatch.setattr(dpg.check, "example_metagrads", off_by_one_percent)
+    assert main(["check", "count=2", "num_examples=6", "target.model=tiny-llama"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["attribute", "recipe.lrr=1"], "unknown config key 'recipe.lrr'"),
+        (["attribute", "metric.name=nope"], "unknown metric 'nope'"),
+        (["attribute", "data=/no/such/file.jsonl"], "data file not found"),
+        (["attribute", "target.model=./missing-model"], "model not found"),
+        (["check", "dtype=float64"], "unknown config key 'dtype'"),
+        (["attribute", "dtype=bfloat16"], "bf16 are wrong"),
+        (["attribute", "metric.vocab_offset=255"], "falls outside the LM head"),
+    ],
+)
+def test_errors_are_one_clear_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
