@@ -169,7 +169,8 @@ def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol
         return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
 
     with math():  # CPU flash attention has no double backward
-        losses = example_losses_ref(target.module, leaves, mb.input_ids, mb.attention_mask, mb.loss_mask)
+        width = mb.input_ids.shape[1]
+        losses = example_losses_ref(target.module, leaves, mb.input_ids, mb.attention_mask, examples.loss_mask[mb.index, :width])
     brute = []
     for i in range(len(losses)):
         gi = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True)
@@ -185,7 +186,7 @@ def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol
     for k in ref:
         assert rel_err(hv[k], ref[k]) < tol, k
     # And the plain gradient pass.
-    g_mb, _ = batch_loss_grad(target, target.params, mb, step.size)
+    g_mb, _, _ = batch_loss_grad(target, target.params, mb, step.size)
     for k, a in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
         assert rel_err(g_mb[k], a) < tol, k
 
@@ -306,3 +307,43 @@ def test_llama_in_strict_fp64_matches_reference_to_1e8(opt, tied):
         ref, _ = unrolled_scores(model, examples, recipe, metric)
         res = example_metagrads(model, examples, recipe, metric, dtype=torch.float64)
     assert rel_err(res.scores, ref) < 1e-8
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
+    """The written-out head tangent (used for M = 1 head metrics) against torch.func.jvp."""
+    from dpg.metagrad.engine import plan_steps
+    from dpg.metagrad.target import batch_loss_grad, head_tangent_scores, prepare_target, tangent_scores
+
+    model = tiny_model(family, False)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB, dtype=torch.float64))  # exercise the bias term
+    examples = ragged_examples()
+    target = prepare_target(model, torch.float64, torch.device("cpu"))
+    assert target.trunk is not None and target.head_bias == "lm_head.bias"
+    (step,) = plan_steps(examples, torch.ones(6, dtype=torch.float64), Recipe(microbatch_size=4), torch.device("cpu"), torch.float64)
+    g = torch.Generator().manual_seed(3)
+    tangent = {k: torch.randn(target.params[k].shape, generator=g, dtype=torch.float64) for k in ("lm_head.weight", "lm_head.bias")}
+    for mb in step.microbatches:
+        _, _, hidden = batch_loss_grad(target, target.params, mb, step.size)
+        fast = head_tangent_scores(target, target.params, tangent, hidden, mb, chunk=5)
+        assert rel_err(fast, tangent_scores(target, target.params, tangent, mb)) < 1e-12
+
+
+def test_m1_head_metric_takes_the_saved_hidden_state_path(monkeypatch):
+    import dpg.metagrad.engine as engine
+
+    calls = []
+    real = engine.head_tangent_scores
+    monkeypatch.setattr(engine, "head_tangent_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("gpt2", False)
+    res = example_metagrads(model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model), dtype=torch.float64)
+    assert len(calls) == 2  # both microbatches
+    ref, _ = unrolled_scores(model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model))
+    assert rel_err(res.scores, ref) < 1e-8
+    assert res.metric_before == pytest.approx(-torch.nn.functional.softplus(torch.tensor(0.0)).item())
+    # A tied head, or an lm_loss metric, takes the general forward-mode path.
+    calls.clear()
+    tied = tiny_model("gpt2", True)
+    example_metagrads(tied, ragged_examples(), Recipe(), head_metric(tied), dtype=torch.float64)
+    example_metagrads(model, ragged_examples(), Recipe(), lm_metric(model), dtype=torch.float64)
+    assert not calls

@@ -33,7 +33,9 @@ from dpg.metagrad.target import (
     Microbatch,
     Target,
     batch_loss_grad,
+    head_tangent_scores,
     hvp_and_tangent_scores,
+    make_microbatch,
     prepare_target,
     tangent_scores,
 )
@@ -114,6 +116,7 @@ def make_examples(
 class MetagradResult:
     scores: Tensor  # (N,) float64 on CPU: dΦ/dw_i, in example order
     metric: float  # Φ(θ_M)
+    metric_before: float  # Φ(θ_0), before the inner run
     proxy: dict[str, float] = field(default_factory=dict)  # readable companions of Φ (accuracy, norm, ...)
     losses: list[float] = field(default_factory=list)  # weighted batch loss L_t at each inner step
     timings: dict[str, float] = field(default_factory=dict)  # seconds: train, metric, reverse, total
@@ -157,8 +160,13 @@ def example_metagrads(
     bar = tqdm(total=2 * sum(len(s.microbatches) for s in plan), disable=not progress, desc="metagradient", unit="mb")
     timings: dict[str, float] = {}
     try:
+        with _phase(timings, "metric", device):
+            # Φ(θ_0) and which parameters Φ reads: a metric on the (untied) LM head alone,
+            # with M = 1, is scored from the training pass's own hidden states.
+            phi0, support, _ = _metric_value_and_grad(metric, target, target.params, proxy=False)
+        head_only = len(plan) == 1 and _head_only(target, support)
         with _phase(timings, "train", device):
-            params, losses = _inner_run(target, opt, plan, bar, store)
+            params, losses = _inner_run(target, opt, plan, bar, store, stash_hidden=head_only)
         with _phase(timings, "metric", device):
             phi, adj, proxy = _metric_value_and_grad(metric, target, params)
         del params
@@ -169,7 +177,12 @@ def example_metagrads(
         bar.close()
     timings["total"] = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return MetagradResult(scores.cpu(), phi, proxy, losses, timings, peak)
+    return MetagradResult(scores.cpu(), phi, phi0, proxy, losses, timings, peak)
+
+
+def _head_only(target: Target, support: Params) -> bool:
+    head = {target.head, target.head_bias} - {None}
+    return target.trunk is not None and not target.head_tied and bool(head) and set(support) <= head
 
 
 def train(
@@ -222,12 +235,13 @@ def plan_steps(examples: Examples, weights: Tensor, recipe: Recipe, device: torc
         for part in idx.split(size):
             width = int(lengths[part].max())
             mbs.append(
-                Microbatch(
-                    index=part.to(device),
-                    input_ids=examples.input_ids[part, :width].to(device),
-                    attention_mask=examples.attention_mask[part, :width].to(device),
-                    loss_mask=examples.loss_mask[part, :width].to(device, torch.bool),
-                    weights=weights[part].to(device, dtype),
+                make_microbatch(
+                    part.to(device),
+                    examples.input_ids[part, :width].to(device),
+                    examples.attention_mask[part, :width].to(device),
+                    examples.loss_mask[part, :width].to(device),
+                    weights[part].to(device, dtype),
+                    dtype,
                 )
             )
         plan.append(Step(len(idx), mbs))
@@ -235,35 +249,48 @@ def plan_steps(examples: Examples, weights: Tensor, recipe: Recipe, device: torc
 
 
 def _inner_run(
-    target: Target, opt: optim.Optimizer, plan: list[Step], bar: tqdm, store: StepStore | None
+    target: Target,
+    opt: optim.Optimizer,
+    plan: list[Step],
+    bar: tqdm,
+    store: StepStore | None,
+    stash_hidden: bool = False,
 ) -> tuple[Params, list[float]]:
     """The M inner steps. With a store, save what each step's adjoint will need."""
     params, state = target.params, optim.init(opt, target.params)
     losses = []
     for t, step in enumerate(plan, 1):
-        grads, loss = _batch_grad(target, params, step, bar)
+        grads, loss, hidden = _batch_grad(target, params, step, bar, stash_hidden and t == 1)
         new_params, new_state = optim.step(opt, params, state, grads)
         if store is not None:
             record = {"theta": params} if t > 1 else {}  # θ_0 is target.params, always at hand
             if isinstance(opt, optim.AdamW):
                 record |= {"g": grads, "m": new_state.m, "v": new_state.v}
+            if hidden:
+                record["hidden"] = hidden
             store.put(t, record, keep_on_device=(t == len(plan)))
         params, state = new_params, new_state
         losses.append(loss)
     return params, losses
 
 
-def _batch_grad(target: Target, params: Params, step: Step, bar: tqdm) -> tuple[Params, float]:
-    total, loss = None, 0.0
-    for mb in step.microbatches:
-        grads, ex_losses = batch_loss_grad(target, params, mb, step.size)
-        total = grads if total is None else {k: total[k] + grads[k] for k in total}
+def _batch_grad(
+    target: Target, params: Params, step: Step, bar: tqdm, stash_hidden: bool
+) -> tuple[Params, float, dict[str, Tensor]]:
+    total, loss, stash = None, 0.0, {}
+    for j, mb in enumerate(step.microbatches):
+        grads, ex_losses, hidden = batch_loss_grad(target, params, mb, step.size)
+        total = grads if total is None else {k: total[k].add_(grads[k]) for k in total}
         loss += float((mb.weights * ex_losses).sum()) / step.size
+        if stash_hidden:
+            stash[str(j)] = hidden
         bar.update(1)
-    return total, loss
+    return total, loss, stash
 
 
-def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tuple[float, Params, dict]:
+def _metric_value_and_grad(
+    metric: Metric, target: Target, params: Params, proxy: bool = True
+) -> tuple[float, Params, dict]:
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         phi = metric({**target.frozen, **leaves})
@@ -280,9 +307,9 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
     if bad:
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
-    proxy_fn = getattr(metric, "proxy", None)
-    proxy = proxy_fn({**target.frozen, **params}) if callable(proxy_fn) else {}
-    return phi.item(), adj, proxy
+    proxy_fn = getattr(metric, "proxy", None) if proxy else None
+    figures = proxy_fn({**target.frozen, **params}) if callable(proxy_fn) else {}
+    return phi.item(), adj, figures
 
 
 def _reverse_sweep(
@@ -295,10 +322,14 @@ def _reverse_sweep(
         theta = record.get("theta", target.params)
         state_after = optim.AdamState(t, record["m"], record["v"]) if "m" in record else None
         gamma, adj_direct, adj_state = optim.step_adjoint(opt, state_after, record.get("g", {}), adj, adj_state)
-        del record, state_after
+        del state_after
         if t == 1:  # nothing upstream of θ_0 is wanted: scores only, no Hessian term
-            for mb in step.microbatches:
-                dl = tangent_scores(target, theta, gamma, mb)
+            stash = record.get("hidden") if _head_only(target, gamma) else None
+            for j, mb in enumerate(step.microbatches):
+                if stash:  # the training pass's hidden states: no second trunk pass at all
+                    dl = head_tangent_scores(target, theta, gamma, stash[str(j)], mb)
+                else:
+                    dl = tangent_scores(target, theta, gamma, mb)
                 scores.index_add_(0, mb.index, dl.double() / step.size)
                 bar.update(1)
             break
@@ -309,7 +340,7 @@ def _reverse_sweep(
             scores.index_add_(0, mb.index, dl.double() / step.size)
             bar.update(1)
         adj = {k: (hv_sum[k] + adj_direct[k]) if k in adj_direct else hv_sum[k] for k in hv_sum}
-        del hv_sum, adj_direct, gamma, theta
+        del hv_sum, adj_direct, gamma, theta, record
     return scores
 
 
@@ -399,4 +430,4 @@ class _phase:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.timings[self.name] = time.perf_counter() - self.start
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start

@@ -29,14 +29,33 @@ class Microbatch(NamedTuple):
     index: Tensor  # (B,) positions of these examples in the caller's example order
     input_ids: Tensor  # (B, T) long, right-padded, trimmed to the longest row
     attention_mask: Tensor  # (B, T)
-    loss_mask: Tensor  # (B, T) bool: token t is a label, predicted from tokens < t
     weights: Tensor  # (B,) data weights w_i
+    label_pos: Tensor  # (n,) flat positions b·(T−1)+t of the n label tokens in the shifted grid
+    label_row: Tensor  # (n,) which example each label token belongs to
+    labels: Tensor  # (n,) the label token ids (position t predicts token t+1)
+    label_count: Tensor  # (B,) label tokens per example, in the engine dtype
+
+
+def make_microbatch(
+    index: Tensor, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, weights: Tensor, dtype: torch.dtype
+) -> Microbatch:
+    """Precompute label positions once, so no pass has to synchronise on a boolean mask."""
+    shifted = loss_mask[:, 1:].bool()  # (B, T−1): position t is trained to predict token t+1
+    label_pos = shifted.flatten().nonzero().flatten()
+    label_row = torch.div(label_pos, shifted.shape[1], rounding_mode="floor")
+    labels = input_ids[:, 1:].flatten()[label_pos]
+    return Microbatch(index, input_ids, attention_mask, weights, label_pos, label_row, labels, shifted.sum(1).to(dtype))
 
 
 class Target(NamedTuple):
     module: nn.Module  # private copy: engine dtype/device, eval mode, requires_grad off
     params: Params  # θ_0 for the trainable parameters (the copy's own tensors)
     frozen: Params  # parameters the caller froze (requires_grad False): constants
+    head: str | None  # name of the LM-head weight (the embedding's name when tied); None: not found
+    head_bias: str | None  # name of the LM-head bias, if any
+    head_tied: bool  # the head weight is also the input embedding
+    trunk: nn.Module | None  # the body with logits = head(trunk(x)), or None: run the whole model
+    prefix: str  # parameter-name prefix of the trunk ("transformer.", "model.")
 
 
 def prepare_target(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Target:
@@ -49,7 +68,40 @@ def prepare_target(model: nn.Module, dtype: torch.dtype, device: torch.device) -
     named = dict(module.named_parameters())
     params = {n: named[n] for n in trainable}
     frozen = {n: p for n, p in named.items() if n not in params}
-    return Target(module, params, frozen)
+    out = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    names = {id(p): n for n, p in named.items()}
+    head = names.get(id(getattr(out, "weight", None)))
+    if head is None:  # no identifiable LM head: the whole model runs in every pass
+        return Target(module, params, frozen, None, None, False, None, "")
+    bias = names.get(id(getattr(out, "bias", None)))
+    tied = out.weight is module.get_input_embeddings().weight
+    trunk, prefix = _split(module, out)
+    return Target(module, params, frozen, head, bias, tied, trunk, prefix)
+
+
+def _split(module: nn.Module, head: nn.Module) -> tuple[nn.Module | None, str]:
+    """The trunk, if the model's logits are exactly head(trunk(x).last_hidden_state).
+
+    Running trunk and head separately lets every pass compute logits at label positions
+    only, and lets a head-only metric be scored from saved hidden states. Models whose
+    logits are post-processed (soft-capping, scaling) fail the probe and run whole.
+    """
+    trunk = getattr(module, "base_model", None)
+    prefix = getattr(module, "base_model_prefix", "") + "."
+    if trunk is None or trunk is module or not isinstance(head, nn.Linear):
+        return None, ""
+    if not all(n.startswith(prefix) or p is head.weight or p is head.bias for n, p in module.named_parameters()):
+        return None, ""
+    probe = torch.arange(8, device=head.weight.device).view(1, 8) % head.weight.shape[0]
+    try:
+        with torch.no_grad():
+            whole = module(input_ids=probe, use_cache=False).logits
+            split = F.linear(trunk(input_ids=probe, use_cache=False).last_hidden_state, head.weight, head.bias)
+    except (TypeError, AttributeError, RuntimeError):
+        return None, ""
+    if whole.shape != split.shape or not torch.allclose(whole, split, rtol=1e-5, atol=1e-6 * whole.abs().max().item()):
+        return None, ""
+    return trunk, prefix
 
 
 def _use_differentiable_attention(module: nn.Module) -> None:
@@ -93,33 +145,89 @@ def higher_order():
         raise
 
 
-def example_losses(target: Target, params: Params, mb: Microbatch) -> Tensor:
-    """Per-example loss l_i: mean token cross-entropy over x_i's label tokens. (B,)"""
+def _head(target: Target, params: Params) -> tuple[Tensor, Tensor | None]:
+    def get(name):
+        return None if name is None else params.get(name, target.frozen.get(name))
+
+    return get(target.head), get(target.head_bias)
+
+
+def label_hidden(target: Target, params: Params, mb: Microbatch) -> Tensor:
+    """Last hidden states at the label positions (needs a split target). (n, d)"""
+    trunk_params = {k[len(target.prefix) :]: v for k, v in params.items() if k.startswith(target.prefix)}
     out = functional_call(
-        target.module,
-        params,
+        target.trunk,
+        trunk_params,
         (),
         {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "use_cache": False},
     )
-    logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    labels = mb.input_ids[:, 1:]
-    mask = mb.loss_mask[:, 1:]
-    tok = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-    tok = torch.where(mask, tok, torch.zeros((), dtype=tok.dtype, device=tok.device))
-    return tok.sum(1) / mask.sum(1)
+    hidden = out.last_hidden_state[:, :-1]  # (B, T−1, d)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.label_pos)
 
 
-def batch_loss_grad(target: Target, params: Params, mb: Microbatch, batch_size: int) -> tuple[Params, Tensor]:
+def losses_and_hidden(target: Target, params: Params, mb: Microbatch) -> tuple[Tensor, Tensor | None]:
+    """Per-example loss l_i (mean token cross-entropy over x_i's labels), (B,), and the last
+    hidden states at the label positions, (n, d), when the target is split."""
+    if target.trunk is not None:
+        hidden = label_hidden(target, params, mb)
+        weight, bias = _head(target, params)
+        logits = F.linear(hidden, weight, bias)  # (n, V): only where a label is predicted
+    else:
+        hidden = None
+        out = functional_call(
+            target.module,
+            params,
+            (),
+            {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "use_cache": False},
+        )
+        logits = out.logits[:, :-1].flatten(0, 1).index_select(0, mb.label_pos)
+    tok = F.cross_entropy(logits, mb.labels, reduction="none")  # (n,)
+    sums = torch.zeros(mb.input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, mb.label_row, tok)
+    return sums / mb.label_count, hidden
+
+
+def example_losses(target: Target, params: Params, mb: Microbatch) -> Tensor:
+    """Per-example loss l_i: mean token cross-entropy over x_i's label tokens. (B,)"""
+    return losses_and_hidden(target, params, mb)[0]
+
+
+def batch_loss_grad(
+    target: Target, params: Params, mb: Microbatch, batch_size: int
+) -> tuple[Params, Tensor, Tensor | None]:
     """Gradient of this microbatch's share of the batch loss Σ w_i·l_i / batch_size.
 
-    Returns (grads, per-example losses). First-order only: any attention kernel is fine.
+    Returns (grads, per-example losses, label hidden states or None). First-order only:
+    any attention kernel is fine.
     """
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
-        losses = example_losses(target, leaves, mb)
+        losses, hidden = losses_and_hidden(target, leaves, mb)
         loss = (mb.weights * losses).sum() / batch_size
         grads = torch.autograd.grad(loss, list(leaves.values()))
-    return dict(zip(leaves, grads)), losses.detach()
+    return dict(zip(leaves, grads)), losses.detach(), None if hidden is None else hidden.detach()
+
+
+def head_tangent_scores(
+    target: Target, params: Params, tangent: Params, hidden: Tensor, mb: Microbatch, chunk: int = 4096
+) -> Tensor:
+    """γ·∇l_i for a tangent on the (untied) LM head alone, from saved hidden states. (B,)
+
+    The forward-mode pass written out: with z = W·h + b and tangent ż = Ẇ·h + ḃ, a token's
+    loss −log softmax(z)_y has tangent Σ_v p_v ż_v − ż_y = h·(Ẇᵀp) + ḃ·p − (Ẇ_y·h + ḃ_y).
+    No trunk pass and no (n, V) tangent logits; chunks bound the (chunk, V) softmax.
+    """
+    weight, bias = _head(target, params)
+    t_weight, t_bias = tangent[target.head], tangent.get(target.head_bias) if target.head_bias else None
+    dtok = torch.empty(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        h, y = hidden[s : s + chunk], mb.labels[s : s + chunk]
+        p = torch.softmax(F.linear(h, weight, bias), dim=-1)  # (c, V)
+        d = ((p @ t_weight) * h).sum(-1) - (t_weight[y] * h).sum(-1)
+        if t_bias is not None:
+            d = d + p @ t_bias - t_bias[y]
+        dtok[s : s + chunk] = d
+    sums = torch.zeros(mb.input_ids.shape[0], dtype=dtok.dtype, device=dtok.device).index_add(0, mb.label_row, dtok)
+    return sums / mb.label_count
 
 
 def tangent_scores(target: Target, params: Params, tangent: Params, mb: Microbatch) -> Tensor:
