@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated cases to skip: head,lm_loss,m4_head")
+    ap.add_argument("--m4-micro", type=int, default=32, help="microbatch for M = 4 (its HVP pass needs ~3x memory)")
     ap.add_argument("--out", default="metagrad_ratio.json")
     args = ap.parse_args()
     shape, device = SHAPES[args.shape], torch.device(args.device)
@@ -115,42 +116,49 @@ def main() -> None:
 
     results = {"shape": args.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "tf32": args.tf32, "reps": args.reps}  # fmt: skip
-    base1, all1 = timed(sft_steps(model, ids[:n].to(device), micro, 1, device), device, args.reps)
+    print(f"\n{results['device']}, torch {torch.__version__}, shape {args.shape}, tf32={args.tf32}")
+    print(f"{'what':34s} {'seconds':>9s} {'ratio':>7s} {'peak GB':>8s}", flush=True)
+
+    def report(what, secs, ratio, mem=None):
+        print(f"{what:34s} {secs:9.3f} {ratio:7.2f} {'' if mem is None else f'{mem:8.1f}'}", flush=True)
+        with open(args.out, "w") as f:  # rewritten after every row: a crash keeps what was measured
+            json.dump(results, f, indent=2)
+
+    base1, _ = timed(sft_steps(model, ids[:n].to(device), micro, 1, device), device, args.reps)
     results["sft_step_s"] = base1
-    rows = [("plain SFT step", base1, 1.0, None)]
-    cases = [
-        ("head", first, 1, head_metric, base1),
-        ("lm_loss", first, 1, lm_metric, base1),
-    ]
+    report("plain SFT step", base1, 1.0)
+    cases = [("head", first, 1, head_metric, micro), ("lm_loss", first, 1, lm_metric, micro)]
     if "m4_head" not in skip:
-        base4, _ = timed(sft_steps(model, ids.to(device), micro, 4, device), device, args.reps)
-        results["sft_4_steps_s"] = base4
-        rows.append(("4 plain SFT steps", base4, 1.0, None))
-        cases.append(("m4_head", examples, 4, head_metric, base4))
-    for name, ex, steps, metric, base in cases:
+        cases.append(("m4_head", examples, 4, head_metric, args.m4_micro))
+    for name, ex, steps, metric, mb_size in cases:
         if name in skip:
             continue
-        recipe = Recipe(steps=steps, microbatch_size=micro)
+        base = base1
+        if steps == 4:
+            base, _ = timed(sft_steps(model, ids.to(device), micro, 4, device), device, args.reps)
+            results["sft_4_steps_s"] = base
+            report("4 plain SFT steps", base, 1.0)
+        recipe = Recipe(steps=steps, microbatch_size=mb_size)
         holder = {}
 
         def run():
             holder["res"] = example_metagrads(model, ex, recipe, metric, device=device)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        secs, _ = timed(run, device, args.reps)
+        try:
+            secs, _ = timed(run, device, args.reps)
+        except torch.OutOfMemoryError as err:
+            results[name] = {"error": str(err).splitlines()[0]}
+            print(f"{name}: out of memory ({results[name]['error']})", flush=True)
+            holder.clear()
+            torch.cuda.empty_cache()
+            continue
         res = holder["res"]
         results[name] = {
-            "seconds": secs, "ratio": secs / base, "timings": res.timings,
+            "seconds": secs, "ratio": secs / base, "timings": res.timings, "microbatch": mb_size,
             "peak_memory_gb": None if res.peak_memory is None else res.peak_memory / 2**30,
         }  # fmt: skip
-        rows.append((f"metagradient {name} (M={steps})", secs, secs / base, results[name]["peak_memory_gb"]))
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\n{results['device']}, torch {torch.__version__}, shape {args.shape}, tf32={args.tf32}")
-    print(f"{'what':34s} {'seconds':>9s} {'ratio':>7s} {'peak GB':>8s}")
-    for what, secs, ratio, mem in rows:
-        print(f"{what:34s} {secs:9.3f} {ratio:7.2f} {'' if mem is None else f'{mem:8.1f}'}")
+        report(f"metagradient {name} (M={steps})", secs, secs / base, results[name]["peak_memory_gb"])
+        print("   phases: " + ", ".join(f"{k} {v:.3f}s" for k, v in res.timings.items()), flush=True)
 
 
 if __name__ == "__main__":

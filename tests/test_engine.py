@@ -30,10 +30,10 @@ def head_metric(model):
     """A pattern-like metric on a block of the LM head (changes from the initial weights)."""
     name = head_name(model)
     w0 = model.get_output_embeddings().weight.detach()[:5, :4].clone()
-    sign = torch.tensor([[1, -1, 1, -1], [-1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [1, -1, -1, 1]], dtype=w0.dtype)
+    sign = torch.tensor([[1, -1, 1, -1], [-1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [1, -1, -1, 1]], dtype=w0.dtype, device=w0.device)
 
     def metric(params):
-        delta = params[name][:5, :4] - w0
+        delta = params[name][:5, :4] - w0.to(params[name])
         return -torch.nn.functional.softplus(-20 * sign * delta).mean()
 
     return metric
@@ -41,11 +41,12 @@ def head_metric(model):
 
 def lm_metric(model, seed=7):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (2, 6), generator=g)
+    device = next(model.parameters()).device
+    ids = torch.randint(1, VOCAB, (2, 6), generator=g).to(device)
     attn = torch.ones_like(ids)
 
     def metric(params):
-        return -example_losses_ref(model, params, ids, attn, attn.bool() & (torch.arange(6) > 0)).mean()
+        return -example_losses_ref(model, params, ids, attn, attn.bool() & (torch.arange(6, device=device) > 0)).mean()
 
     return metric
 
@@ -149,15 +150,16 @@ def test_offload_modes_agree():
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("family,tol", [("gpt2", 1e-9), ("llama", 1e-5)])  # Llama: fp32 RMSNorm
-def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol):
+def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol, tied):
     """tangent_scores and the HVP pass against per-example autograd gradients."""
     from dpg.metagrad.engine import plan_steps
-    from dpg.metagrad.target import batch_loss_grad, hvp_and_tangent_scores, prepare_target, tangent_scores
+    from dpg.metagrad.target import batch_loss_grad, hvp_and_tangent_scores, prepared, tangent_scores
 
-    model = tiny_model(family, True)
+    model = tiny_model(family, tied)
     examples = ragged_examples()
-    target = prepare_target(model, torch.float64, torch.device("cpu"))
+    target = prepared(model, torch.float64, torch.device("cpu")).__enter__()
     (step,) = plan_steps(examples, torch.ones(6, dtype=torch.float64), Recipe(), torch.device("cpu"), torch.float64)
     (mb,) = step.microbatches
     g = torch.Generator().manual_seed(5)
@@ -313,12 +315,12 @@ def test_llama_in_strict_fp64_matches_reference_to_1e8(opt, tied):
 def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
     """The written-out head tangent (used for M = 1 head metrics) against torch.func.jvp."""
     from dpg.metagrad.engine import plan_steps
-    from dpg.metagrad.target import batch_loss_grad, head_tangent_scores, prepare_target, tangent_scores
+    from dpg.metagrad.target import batch_loss_grad, example_losses, head_tangent_scores, prepared, tangent_scores
 
     model = tiny_model(family, False)
     model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB, dtype=torch.float64))  # exercise the bias term
     examples = ragged_examples()
-    target = prepare_target(model, torch.float64, torch.device("cpu"))
+    target = prepared(model, torch.float64, torch.device("cpu")).__enter__()
     assert target.trunk is not None and target.head_bias == "lm_head.bias"
     (step,) = plan_steps(examples, torch.ones(6, dtype=torch.float64), Recipe(microbatch_size=4), torch.device("cpu"), torch.float64)
     g = torch.Generator().manual_seed(3)
@@ -326,7 +328,10 @@ def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
     for mb in step.microbatches:
         _, _, hidden = batch_loss_grad(target, target.params, mb, step.size)
         fast = head_tangent_scores(target, target.params, tangent, hidden, mb, chunk=5)
-        assert rel_err(fast, tangent_scores(target, target.params, tangent, mb)) < 1e-12
+        active = {k: target.params[k] for k in tangent}
+        rest = {k: p for k, p in target.params.items() if k not in tangent}
+        _, reference = torch.func.jvp(lambda a: example_losses(target, {**rest, **a}, mb), (active,), (tangent,))
+        assert rel_err(fast, reference) < 1e-12
 
 
 def test_m1_head_metric_takes_the_saved_hidden_state_path(monkeypatch):
@@ -347,3 +352,17 @@ def test_m1_head_metric_takes_the_saved_hidden_state_path(monkeypatch):
     example_metagrads(tied, ragged_examples(), Recipe(), head_metric(tied), dtype=torch.float64)
     example_metagrads(model, ragged_examples(), Recipe(), lm_metric(model), dtype=torch.float64)
     assert not calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_caller_model_is_left_as_found(dtype):
+    """In place (same dtype/device) or copied, the caller's mode and attention come back."""
+    model = tiny_model("llama", False)
+    model.set_attn_implementation("eager")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = example_metagrads(model, ragged_examples(), Recipe(lr=1e-2, steps=2), lm_metric(model), dtype=dtype)
+    assert model.training and model.config._attn_implementation == "eager"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.isfinite(res.scores).all()

@@ -36,7 +36,7 @@ from dpg.metagrad.target import (
     head_tangent_scores,
     hvp_and_tangent_scores,
     make_microbatch,
-    prepare_target,
+    prepared,
     tangent_scores,
 )
 
@@ -151,19 +151,31 @@ def example_metagrads(
     start = time.perf_counter()
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
-    target = prepare_target(model, dtype, device)
-    plan = plan_steps(examples, weights, recipe, device, dtype)
-    opt = recipe.optimizer_record()
     store = StepStore(offload, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=2 * sum(len(s.microbatches) for s in plan), disable=not progress, desc="metagradient", unit="mb")
     timings: dict[str, float] = {}
+    with prepared(model, dtype, device) as target:
+        plan = plan_steps(examples, weights, recipe, device, dtype)
+        total = 2 * sum(len(s.microbatches) for s in plan)
+        with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
+            result = _metagrads(target, plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights))
+    timings["total"] = time.perf_counter() - start
+    result.timings = timings
+    result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return result
+
+
+def _metagrads(
+    target: Target, plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore, bar: tqdm,
+    timings: dict[str, float], n: int,
+) -> MetagradResult:  # fmt: skip
+    device = target.params[next(iter(target.params))].device
     try:
         with _phase(timings, "metric", device):
-            # Φ(θ_0) and which parameters Φ reads: a metric on the (untied) LM head alone,
+            # Φ(θ_0), and which parameters Φ reads: a metric on the (untied) LM head alone,
             # with M = 1, is scored from the training pass's own hidden states.
-            phi0, support, _ = _metric_value_and_grad(metric, target, target.params, proxy=False)
+            phi0, support = _metric_probe(metric, target)
         head_only = len(plan) == 1 and _head_only(target, support)
         with _phase(timings, "train", device):
             params, losses = _inner_run(target, opt, plan, bar, store, stash_hidden=head_only)
@@ -171,13 +183,10 @@ def example_metagrads(
             phi, adj, proxy = _metric_value_and_grad(metric, target, params)
         del params
         with _phase(timings, "reverse", device):
-            scores = _reverse_sweep(target, opt, plan, store, adj, len(weights), bar)
+            scores = _reverse_sweep(target, opt, plan, store, adj, n, bar)
     finally:
         store.close()
-        bar.close()
-    timings["total"] = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return MetagradResult(scores.cpu(), phi, phi0, proxy, losses, timings, peak)
+    return MetagradResult(scores.cpu(), phi, phi0, proxy, losses)
 
 
 def _head_only(target: Target, support: Params) -> bool:
@@ -198,14 +207,13 @@ def train(
     """The inner run alone (plain fine-tuning, no metagradient): the same steps, same math."""
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
-    target = prepare_target(model, dtype, device)
-    plan = plan_steps(examples, weights, recipe, device, dtype)
-    bar = tqdm(total=sum(len(s.microbatches) for s in plan), disable=not progress, desc="train", unit="mb")
-    try:
-        params, losses = _inner_run(target, recipe.optimizer_record(), plan, bar, None)
-    finally:
-        bar.close()
+    with prepared(model, dtype, device) as target:
+        plan = plan_steps(examples, weights, recipe, device, dtype)
+        total = sum(len(s.microbatches) for s in plan)
+        with tqdm(total=total, disable=not progress, desc="train", unit="mb") as bar:
+            params, losses = _inner_run(target, recipe.optimizer_record(), plan, bar, None)
     return TrainResult(params, losses)
+
 
 
 class Step(NamedTuple):
@@ -288,18 +296,36 @@ def _batch_grad(
     return total, loss, stash
 
 
-def _metric_value_and_grad(
-    metric: Metric, target: Target, params: Params, proxy: bool = True
-) -> tuple[float, Params, dict]:
+def _metric_probe(metric: Metric, target: Target) -> tuple[float, set[str]]:
+    """Φ(θ_0) and the trainable parameters Φ depends on, from the forward graph alone."""
+    phi, leaves = _metric_forward(metric, target, target.params, "before the inner run")
+    reached, seen, stack = set(), set(), [phi.grad_fn]
+    while stack:  # AccumulateGrad nodes hold the leaves the graph reaches
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            reached.add(id(node.variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return phi.item(), {k for k, v in leaves.items() if id(v) in reached}
+
+
+def _metric_forward(metric: Metric, target: Target, params: Params, when: str) -> tuple[Tensor, Params]:
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         phi = metric({**target.frozen, **leaves})
     if not isinstance(phi, Tensor) or phi.numel() != 1:
         raise DpgError(f"the metric must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}")
     if not torch.isfinite(phi):
-        raise DpgError(f"the metric is not finite after the inner run: Φ = {phi.item()}")
+        raise DpgError(f"the metric is not finite {when}: Φ = {phi.item()}")
     if not phi.requires_grad:
         raise DpgError("the metric does not depend on any trainable parameter of the target")
+    return phi, leaves
+
+
+def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tuple[float, Params, dict]:
+    phi, leaves = _metric_forward(metric, target, params, "after the inner run")
     grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
     adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
@@ -307,7 +333,7 @@ def _metric_value_and_grad(
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
     if bad:
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
-    proxy_fn = getattr(metric, "proxy", None) if proxy else None
+    proxy_fn = getattr(metric, "proxy", None)
     figures = proxy_fn({**target.frozen, **params}) if callable(proxy_fn) else {}
     return phi.item(), adj, figures
 

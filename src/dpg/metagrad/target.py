@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -58,24 +60,57 @@ class Target(NamedTuple):
     prefix: str  # parameter-name prefix of the trunk ("transformer.", "model.")
 
 
-def prepare_target(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Target:
-    """Copy `model` for the engine; `model` itself is never modified."""
+@contextlib.contextmanager
+def prepared(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Iterator[Target]:
+    """The target as the engine runs it, for the duration of one call.
+
+    A model already in the engine's dtype and on its device is used in place: θ_0 is its own
+    parameters (detached; every update makes new tensors, so they are never written) and
+    only its eval mode and attention setting change, restored on exit. Otherwise a private
+    copy is made in the engine's dtype and device. Either way the caller's model is left as
+    it was found.
+    """
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise DpgError("the target model has no trainable parameters (all have requires_grad=False)")
-    module = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    _use_differentiable_attention(module)
-    named = dict(module.named_parameters())
+    in_place = all(
+        t.device == device and (t.dtype == dtype or not t.is_floating_point())
+        for t in (*model.parameters(), *model.buffers())
+    )
+    module = model if in_place else copy.deepcopy(model).to(device=device, dtype=dtype)
+    was_training, attn = module.training, _attn_implementation(module)
+    try:
+        module.eval()
+        _use_differentiable_attention(module)
+        yield _describe(model, module, trainable)
+    finally:
+        module.train(was_training)
+        if attn is not None and _attn_implementation(module) != attn:
+            module.set_attn_implementation(attn)
+
+
+def _attn_implementation(module: nn.Module) -> str | None:
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+# Whether a model's logits are head(trunk(x)), by the caller's model: probed once per model.
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _describe(model: nn.Module, module: nn.Module, trainable: list[str]) -> Target:
+    named = {n: p.detach() for n, p in module.named_parameters()}
     params = {n: named[n] for n in trainable}
     frozen = {n: p for n, p in named.items() if n not in params}
     out = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    names = {id(p): n for n, p in named.items()}
+    names = {id(p): n for n, p in module.named_parameters()}
     head = names.get(id(getattr(out, "weight", None)))
     if head is None:  # no identifiable LM head: the whole model runs in every pass
         return Target(module, params, frozen, None, None, False, None, "")
     bias = names.get(id(getattr(out, "bias", None)))
     tied = out.weight is module.get_input_embeddings().weight
-    trunk, prefix = _split(module, out)
+    if model not in _SPLITS:
+        _SPLITS[model] = _split(module, out)[0] is not None
+    trunk, prefix = (module.base_model, module.base_model_prefix + ".") if _SPLITS[model] else (None, "")
     return Target(module, params, frozen, head, bias, tied, trunk, prefix)
 
 
@@ -94,7 +129,7 @@ def _split(module: nn.Module, head: nn.Module) -> tuple[nn.Module | None, str]:
         return None, ""
     probe = torch.arange(8, device=head.weight.device).view(1, 8) % head.weight.shape[0]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             whole = module(input_ids=probe, use_cache=False).logits
             split = F.linear(trunk(input_ids=probe, use_cache=False).last_hidden_state, head.weight, head.bias)
     except (TypeError, AttributeError, RuntimeError):
@@ -208,24 +243,37 @@ def batch_loss_grad(
 
 
 def head_tangent_scores(
-    target: Target, params: Params, tangent: Params, hidden: Tensor, mb: Microbatch, chunk: int = 4096
+    target: Target,
+    params: Params,
+    tangent: Params,
+    hidden: Tensor,
+    mb: Microbatch,
+    hidden_tangent: Tensor | None = None,
+    chunk: int = 4096,
 ) -> Tensor:
-    """γ·∇l_i for a tangent on the (untied) LM head alone, from saved hidden states. (B,)
+    """γ·∇l_i from the last hidden states h at the label positions (and their tangent ḣ). (B,)
 
-    The forward-mode pass written out: with z = W·h + b and tangent ż = Ẇ·h + ḃ, a token's
-    loss −log softmax(z)_y has tangent Σ_v p_v ż_v − ż_y = h·(Ẇᵀp) + ḃ·p − (Ẇ_y·h + ḃ_y).
-    No trunk pass and no (n, V) tangent logits; chunks bound the (chunk, V) softmax.
+    The head's forward-mode pass written out: with z = W·h + b and ż = Ẇ·h + W·ḣ + ḃ, a
+    token's loss −log softmax(z)_y has tangent Σ_v p_v ż_v − ż_y
+        = h·(Ẇᵀp) + ḣ·(Wᵀp) + ḃ·p − (Ẇ_y·h + W_y·ḣ + ḃ_y).
+    With ḣ = None this is the whole pass for a tangent on an untied head alone (M = 1 head
+    metrics, from the training pass's saved h). Chunks bound the (chunk, V) softmax.
     """
     weight, bias = _head(target, params)
-    t_weight, t_bias = tangent[target.head], tangent.get(target.head_bias) if target.head_bias else None
-    dtok = torch.empty(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+    t_weight = tangent.get(target.head)
+    t_bias = tangent.get(target.head_bias) if target.head_bias else None
+    dtok = torch.zeros(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk):
         h, y = hidden[s : s + chunk], mb.labels[s : s + chunk]
         p = torch.softmax(F.linear(h, weight, bias), dim=-1)  # (c, V)
-        d = ((p @ t_weight) * h).sum(-1) - (t_weight[y] * h).sum(-1)
+        d = dtok[s : s + chunk]
+        if t_weight is not None:
+            d += ((p @ t_weight) * h).sum(-1) - (t_weight[y] * h).sum(-1)
+        if hidden_tangent is not None:
+            h_dot = hidden_tangent[s : s + chunk]
+            d += ((p @ weight) * h_dot).sum(-1) - (weight[y] * h_dot).sum(-1)
         if t_bias is not None:
-            d = d + p @ t_bias - t_bias[y]
-        dtok[s : s + chunk] = d
+            d += p @ t_bias - t_bias[y]
     sums = torch.zeros(mb.input_ids.shape[0], dtype=dtok.dtype, device=dtok.device).index_add(0, mb.label_row, dtok)
     return sums / mb.label_count
 
@@ -233,17 +281,33 @@ def head_tangent_scores(
 def tangent_scores(target: Target, params: Params, tangent: Params, mb: Microbatch) -> Tensor:
     """γ·∇l_i for each example of the microbatch, by one forward-mode pass. (B,)
 
-    Only parameters named in `tangent` carry a tangent; the rest are constants.
+    Only parameters named in `tangent` carry a tangent; the rest are constants. On a split
+    target the forward-mode pass runs through the trunk only, giving (h, ḣ) at the label
+    positions, and the head's share is written out (head_tangent_scores): no (n, V) tangent
+    logits and no log-softmax tangent are ever formed.
     """
     active = {k: params[k] for k in tangent}
     rest = {k: p for k, p in params.items() if k not in tangent}
+    if target.trunk is None:
 
-    def losses(a: Params) -> Tensor:
-        return example_losses(target, {**rest, **a}, mb)
+        def losses(a: Params) -> Tensor:
+            return example_losses(target, {**rest, **a}, mb)
+
+        with higher_order():
+            return jvp(losses, (active,), (tangent,))[1]
+    into_trunk = {k: t for k, t in tangent.items() if k.startswith(target.prefix)}
+    if not into_trunk:
+        with torch.no_grad():
+            return head_tangent_scores(target, params, tangent, label_hidden(target, params, mb), mb)
+    trunk_active = {k: params[k] for k in into_trunk}
+    others = {k: p for k, p in params.items() if k not in into_trunk}
+
+    def hidden(a: Params) -> Tensor:
+        return label_hidden(target, {**others, **a}, mb)
 
     with higher_order():
-        _, dl = jvp(losses, (active,), (tangent,))
-    return dl
+        h, h_dot = jvp(hidden, (trunk_active,), (into_trunk,))
+    return head_tangent_scores(target, params, tangent, h, mb, hidden_tangent=h_dot)
 
 
 def hvp_and_tangent_scores(
