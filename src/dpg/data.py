@@ -116,3 +116,15 @@ def builtin_texts(n: int = 48, seed: int = 0) -> list[str]:
             words.append(word)
         texts.append(" ".join(words))
     return texts
+
+
+def completion_text(completion) -> str:
+    """TRL hands reward functions plain strings, or for chat models a list of messages
+    [{"role": "assistant", "content": ...}]: the text either way."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in completion)
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    raise DpgError(f"cannot read a completion of type {type(completion).__name__}")
