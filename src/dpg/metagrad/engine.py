@@ -139,6 +139,7 @@ def example_metagrads(
     device: torch.device | str | None = None,
     offload: str = "cpu",
     progress: bool = False,
+    on_trained: Callable[[Params], None] | None = None,
 ) -> MetagradResult:
     """Exact dΦ/dw_i for every example after the inner run `recipe` on `examples`.
 
@@ -147,6 +148,8 @@ def example_metagrads(
     parameters (names as in `model.named_parameters()`) to a scalar, higher is better; it
     may carry a `proxy(params) -> dict` for readable figures. `offload` says where each
     step's saved state waits for the reverse sweep: "cpu" (default), "disk" or "device".
+    `on_trained`, if given, sees every parameter at θ_M (for logging, e.g. drawing the
+    pattern the head now holds) before the reverse sweep.
     """
     start = time.perf_counter()
     device = _resolve_device(model, device)
@@ -159,7 +162,7 @@ def example_metagrads(
         plan = plan_steps(examples, weights, recipe, device, dtype)
         total = 2 * sum(len(s.microbatches) for s in plan)
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
-            result = _metagrads(target, plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights))
+            result = _metagrads(target, plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights), on_trained)
     timings["total"] = time.perf_counter() - start
     result.timings = timings
     result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -168,7 +171,7 @@ def example_metagrads(
 
 def _metagrads(
     target: Target, plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore, bar: tqdm,
-    timings: dict[str, float], n: int,
+    timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None,
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
     try:
@@ -181,6 +184,8 @@ def _metagrads(
             params, losses = _inner_run(target, opt, plan, bar, store, stash_hidden=head_only)
         with _phase(timings, "metric", device):
             phi, adj, proxy = _metric_value_and_grad(metric, target, params)
+        if on_trained is not None:
+            on_trained({**target.frozen, **params})
         del params
         with _phase(timings, "reverse", device):
             scores = _reverse_sweep(target, opt, plan, store, adj, n, bar)

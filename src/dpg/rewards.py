@@ -1,0 +1,162 @@
+"""Reward callables for TRL's GRPOTrainer: metagrad (DPG) and naive (dataset-level).
+
+Both decode the generator's completions to text, re-tokenize them with the target's
+tokenizer (`dpg.data.encode_texts`: truncated to `max_length`, never failing on odd text),
+fine-tune the target on them with the inner recipe, and score the result with the metric Φ.
+
+  metagrad   reward_i = dΦ/dw_i, the exact metagradient (the engine). By default the whole
+             generated batch is one inner run (cross-group batching); with
+             cross_group_batching=False the batch is cut into inverse groups, each holding at
+             most one completion per prompt, and each group is its own inner run.
+  naive      the same inner runs without metagradients: every completion of an inner run
+             gets that run's Φ. It always uses inverse groups: the completions of one prompt
+             then sit in different runs, so GRPO's group-normalised advantage of a completion
+             is how much better its run's Φ was than the other runs' — the paper's
+             dataset-level baseline. (One run for the batch would give every completion the
+             same reward and every advantage zero.)
+
+Rewards are standardised over the generated batch, (r − mean)/std: a positive affine map,
+the same for every completion of a step, so GRPO's group-normalised advantages are those of
+the raw values — but TRL's +1e-4 guard on the group std no longer swamps metagradients,
+which are often ~1e-9 on real models. Raw values are logged. A reward that cannot be
+computed raises DpgError naming the step and the cause; it never returns silent zeros.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpg.data import completion_text, encode_texts
+from dpg.errors import DpgError
+from dpg.metagrad.engine import Examples, Recipe, example_metagrads, train
+
+
+def inverse_groups(n: int, num_generations: int) -> list[Tensor]:
+    """Split a generated batch into groups with at most one completion per prompt.
+
+    TRL lays out a batch prompt by prompt, [p0·g0 … p0·g(G−1), p1·g0, …]; group k takes the
+    k-th completion of every prompt. (N,) indices each, in batch order.
+    """
+    if num_generations < 1 or n % num_generations:
+        raise DpgError(f"a batch of {n} completions is not whole groups of num_generations = {num_generations}")
+    grid = torch.arange(n).view(-1, num_generations)  # (prompts, G)
+    return [grid[:, k] for k in range(num_generations)]
+
+
+def select(examples: Examples, idx: Tensor) -> Examples:
+    return Examples(*(x[idx] for x in examples))
+
+
+def standardize(raw: Tensor) -> Tensor:
+    """(r − mean)/std over the batch; all-equal rewards give all zeros (no signal, honestly)."""
+    centred = raw - raw.mean()
+    std = centred.square().mean().sqrt()
+    return centred / std if std > 0 else centred
+
+
+class InnerRunReward:
+    """A TRL reward: fine-tune the target on the completions, score with Φ.
+
+    kind = "metagrad": reward_i = dΦ/dw_i after the inner run on the batch (or on its
+    inverse group). kind = "naive": every completion of an inner run gets that run's Φ
+    (inverse groups, always).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        target: nn.Module,
+        tokenizer,
+        metric: Callable[[dict[str, Tensor]], Tensor],
+        recipe: Recipe,
+        *,
+        max_length: int = 128,
+        cross_group_batching: bool = True,
+        num_generations: int = 4,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        offload: str = "cpu",
+    ):
+        if kind not in ("metagrad", "naive"):
+            raise DpgError(f"an inner-run reward is 'metagrad' or 'naive', got {kind!r}")
+        if kind == "naive" and cross_group_batching:
+            raise DpgError(
+                "the naive reward needs reward.cross_group_batching: false (inverse groups): one inner run "
+                "for the whole batch gives every completion the same reward and every advantage zero"
+            )
+        self.__name__ = kind  # TRL names the reward's logs after it
+        self.target, self.tokenizer, self.metric, self.recipe = target, tokenizer, metric, recipe
+        self.max_length, self.cross_group_batching, self.num_generations = max_length, cross_group_batching, num_generations
+        self.dtype, self.device, self.offload = dtype, device, offload
+        self.history: list[dict[str, Any]] = []  # one row of figures per call (generated batch)
+        self.decoded: Tensor | None = None  # the pattern the target held after the last inner run
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        state = kwargs.get("trainer_state")
+        step = state.global_step if state is not None else len(self.history)
+        start = time.perf_counter()
+        texts = [completion_text(c) for c in completions]
+        examples = encode_texts(self.tokenizer, texts, self.max_length)
+        n = len(texts)
+        groups = [torch.arange(n)] if self.cross_group_batching else inverse_groups(n, self.num_generations)
+        raw = torch.empty(n, dtype=torch.float64)
+        figures: list[dict[str, float]] = []
+        score = self._metagrad if self.__name__ == "metagrad" else self._naive
+        for idx in groups:
+            try:
+                raw[idx], row = score(select(examples, idx))
+            except DpgError as err:
+                raise DpgError(f"step {step}: the {self.__name__} reward failed: {err}") from err
+            figures.append(row)
+        if not torch.isfinite(raw).all():
+            bad = (~torch.isfinite(raw)).nonzero().flatten().tolist()
+            raise DpgError(f"step {step}: the {self.__name__} reward is not finite for completions {bad[:5]}")
+        rewards = standardize(raw)
+        row = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}  # mean over inner runs
+        row |= {
+            "step": step,
+            "raw_mean": raw.mean().item(),
+            "raw_std": raw.std().item() if n > 1 else 0.0,
+            "raw_min": raw.min().item(),
+            "raw_max": raw.max().item(),
+            "inner_runs": len(groups),
+            "target_tokens": float(examples.attention_mask.sum(1).double().mean()),
+            "seconds": time.perf_counter() - start,
+        }
+        self.history.append(row)
+        log = kwargs.get("log_metric")
+        if callable(log):
+            for key in ("phi", *[k for k in row if k.startswith("proxy/")], "raw_std", "seconds"):
+                log(f"dpg/{key}", row[key])
+        return rewards.tolist()
+
+    def _metagrad(self, examples: Examples) -> tuple[Tensor, dict[str, float]]:
+        res = example_metagrads(
+            self.target, examples, self.recipe, self.metric, dtype=self.dtype, device=self.device,
+            offload=self.offload, on_trained=self._decode,
+        )  # fmt: skip
+        row = {"phi": res.metric, "phi_before": res.metric_before, "engine_seconds": res.timings["total"]}
+        return res.scores, row | {f"proxy/{k}": v for k, v in res.proxy.items()}
+
+    def _naive(self, examples: Examples) -> tuple[Tensor, dict[str, float]]:
+        trained = train(self.target, examples, self.recipe, dtype=self.dtype, device=self.device).params
+        device = next(iter(trained.values())).device
+        everything = {k: p.detach().to(device) for k, p in self.target.named_parameters()} | trained
+        with torch.no_grad():
+            phi = self.metric(everything)
+        if not torch.isfinite(phi):
+            raise DpgError(f"the metric is not finite after the inner run (Φ = {phi.item()})")
+        self._decode(everything)
+        proxy_fn = getattr(self.metric, "proxy", None)
+        row = {"phi": phi.item()} | ({f"proxy/{k}": v for k, v in proxy_fn(everything).items()} if callable(proxy_fn) else {})
+        return torch.full((len(examples.input_ids),), phi.item(), dtype=torch.float64), row
+
+    def _decode(self, params: dict[str, Tensor]) -> None:
+        decode = getattr(self.metric, "decode", None)
+        if callable(decode):
+            self.decoded = decode(params).cpu()

@@ -1,0 +1,117 @@
+"""metagrad and naive rewards: shapes, hand-checked values, inverse groups, odd text, errors."""
+
+import math
+
+import pytest
+import torch
+
+from dpg import DpgError, Recipe, example_metagrads, train
+from dpg.data import decode_bytes, encode_texts
+from dpg.metrics import pattern_metric
+from dpg.models import load_model
+from dpg.rewards import InnerRunReward, inverse_groups, select, standardize
+
+
+@pytest.fixture(scope="module")
+def target():
+    model, tok = load_model("tiny-gpt2", dtype=torch.float64)
+    return model, tok, pattern_metric(model, "67")
+
+
+COMPLETIONS = ["hello!", "a#b", "", "x$y%z", "   ", decode_bytes(b"\xff\xfeok"), "tail'" * 60, "<|endoftext|>"]
+
+
+def test_inverse_groups_by_hand():
+    groups = [g.tolist() for g in inverse_groups(8, 4)]
+    assert groups == [[0, 4], [1, 5], [2, 6], [3, 7]]  # one completion of each prompt per group
+    assert [g.tolist() for g in inverse_groups(3, 1)] == [[0, 1, 2]]
+    with pytest.raises(DpgError, match="not whole groups"):
+        inverse_groups(7, 4)
+
+
+def test_standardize_by_hand():
+    out = standardize(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert out.tolist() == [-1.0, 1.0]  # mean 2, population std 1
+    assert standardize(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
+    # A positive affine map: group-normalised advantages are unchanged.
+    raw = torch.tensor([1e-9, 3e-9, -2e-9, 7e-9], dtype=torch.float64)
+    adv = lambda r: (r - r.mean()) / r.std()  # noqa: E731
+    assert torch.allclose(adv(standardize(raw)), adv(raw))
+
+
+def test_metagrad_reward_is_the_standardised_engine_scores(target):
+    model, tok, metric = target
+    recipe = Recipe(lr=1e-3)
+    reward = InnerRunReward("metagrad", model, tok, metric, recipe, max_length=32, dtype=torch.float64)
+    out = reward(prompts=["p"] * 8, completions=COMPLETIONS)
+    assert len(out) == 8 and all(math.isfinite(r) for r in out)
+    direct = example_metagrads(model, encode_texts(tok, COMPLETIONS, 32), recipe, metric, dtype=torch.float64)
+    assert torch.allclose(torch.tensor(out, dtype=torch.float64), standardize(direct.scores), rtol=1e-9, atol=1e-12)
+    row = reward.history[-1]
+    assert row["phi"] == pytest.approx(direct.metric) and row["inner_runs"] == 1
+    assert row["raw_max"] == pytest.approx(direct.scores.max().item())
+    assert "proxy/pixel_accuracy" in row and reward.decoded.shape == (6, 7)
+    assert reward.__name__ == "metagrad"
+
+
+def test_inverse_group_batching_runs_one_inner_run_per_group(target, monkeypatch):
+    import dpg.rewards as rewards
+
+    model, tok, metric = target
+    seen = []
+    real = rewards.example_metagrads
+    monkeypatch.setattr(rewards, "example_metagrads", lambda m, ex, *a, **k: seen.append(ex.input_ids.shape[0]) or real(m, ex, *a, **k))
+    reward = InnerRunReward("metagrad", model, tok, metric, Recipe(lr=1e-3), max_length=32, cross_group_batching=False,
+                            num_generations=4, dtype=torch.float64)  # fmt: skip
+    out = reward(prompts=["p"] * 8, completions=COMPLETIONS)
+    assert seen == [2, 2, 2, 2]  # 2 prompts × 4 completions: 4 runs of one completion per prompt
+    examples = encode_texts(tok, COMPLETIONS, 32)
+    raw = torch.empty(8, dtype=torch.float64)
+    for idx in inverse_groups(8, 4):
+        raw[idx] = real(model, select(examples, idx), Recipe(lr=1e-3), metric, dtype=torch.float64).scores
+    assert torch.allclose(torch.tensor(out, dtype=torch.float64), standardize(raw), rtol=1e-9, atol=1e-12)
+
+
+def test_naive_reward_gives_each_inner_run_its_phi(target):
+    model, tok, metric = target
+    recipe = Recipe(lr=1e-3)
+    reward = InnerRunReward("naive", model, tok, metric, recipe, max_length=32, cross_group_batching=False,
+                            num_generations=4, dtype=torch.float64)  # fmt: skip
+    out = torch.tensor(reward(prompts=["p"] * 8, completions=COMPLETIONS), dtype=torch.float64)
+    examples = encode_texts(tok, COMPLETIONS, 32)
+    phis = torch.empty(8, dtype=torch.float64)
+    everything = {k: p.detach() for k, p in model.named_parameters()}
+    for idx in inverse_groups(8, 4):
+        params = train(model, select(examples, idx), recipe, dtype=torch.float64).params
+        phis[idx] = metric(everything | params).item()
+    assert torch.allclose(out, standardize(phis), rtol=1e-9, atol=1e-12)
+    assert out[0] == out[4] and out[1] == out[5]  # completions of one inner run share its reward
+    with pytest.raises(DpgError, match="cross_group_batching: false"):
+        InnerRunReward("naive", model, tok, metric, recipe)
+
+
+def test_failures_raise_naming_the_step(target):
+    model, tok, _ = target
+
+    class State:
+        global_step = 7
+
+    def nan_metric(params):
+        return params["lm_head.weight"].sum() * float("nan")
+
+    reward = InnerRunReward("metagrad", model, tok, nan_metric, Recipe(), max_length=32, dtype=torch.float64)
+    with pytest.raises(DpgError, match=r"step 7: the metagrad reward failed: .*not finite"):
+        reward(prompts=["p"], completions=["text"], trainer_state=State())
+    with pytest.raises(DpgError, match="'metagrad' or 'naive'"):
+        InnerRunReward("magic", model, tok, nan_metric, Recipe())
+
+
+def test_chat_completions_and_log_metric(target):
+    model, tok, metric = target
+    logged = {}
+    reward = InnerRunReward("metagrad", model, tok, metric, Recipe(lr=1e-3), max_length=32, dtype=torch.float64)
+    chat = [[{"role": "assistant", "content": t}] for t in ["ab!", "cd#"]]
+    out = reward(prompts=["p", "p"], completions=chat, log_metric=lambda k, v: logged.__setitem__(k, v))
+    plain = InnerRunReward("metagrad", model, tok, metric, Recipe(lr=1e-3), max_length=32, dtype=torch.float64)
+    assert out == plain(prompts=["p", "p"], completions=["ab!", "cd#"])
+    assert {"dpg/phi", "dpg/proxy/pixel_accuracy", "dpg/raw_std", "dpg/seconds"} <= set(logged)
