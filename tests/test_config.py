@@ -87,3 +87,12 @@ def test_every_key_is_documented(cls):
     undocumented = [key for key, _, comment in rows if not comment]
     assert not undocumented
     assert ("recipe.lr", "0.001", "learning rate") in rows
+
+
+def test_command_line_strings_stay_text():
+    cfg = load_config(Outer, None, ["inner.name=Say: {x}", "items=[a, 'b c']", "maybe=null"])
+    assert cfg.inner.name == "Say: {x}" and cfg.items == ["a", "b c"] and cfg.maybe is None
+    from dpg.train import TrainConfig
+
+    t = load_config(TrainConfig, None, ["prompts.template=Rephrase: {prompt}", "prompts.file=null", "metric.pattern=67"])
+    assert t.prompts.template == "Rephrase: {prompt}" and t.prompts.file is None and t.metric.pattern == "67"

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch.func import functional_call
 
-from dpg import DpgError, Recipe, example_metagrads, make_examples, train
+from dpg import DpgError, Recipe, example_metagrads, make_examples, fine_tune
 from reference import VOCAB, example_losses_ref, tiny_model, unrolled_scores
 
 
@@ -116,7 +115,7 @@ def test_scores_match_central_finite_differences(opt):
         for sign in (1, -1):
             w = torch.ones(6, dtype=torch.float64)
             w[i] += sign * h
-            trained = train(model, examples, recipe, w, dtype=torch.float64).params
+            trained = fine_tune(model, examples, recipe, w, dtype=torch.float64).params
             phis.append(metric(full | trained).item())
         fd = (phis[0] - phis[1]) / (2 * h)
         assert res.scores[i].item() == pytest.approx(fd, rel=1e-6, abs=1e-12)
@@ -315,7 +314,7 @@ def test_llama_in_strict_fp64_matches_reference_to_1e8(opt, tied):
 def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
     """The written-out head tangent (used for M = 1 head metrics) against torch.func.jvp."""
     from dpg.metagrad.engine import plan_steps
-    from dpg.metagrad.target import batch_loss_grad, example_losses, head_tangent_scores, prepared, tangent_scores
+    from dpg.metagrad.target import batch_loss_grad, example_losses, head_tangent_scores, prepared
 
     model = tiny_model(family, False)
     model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB, dtype=torch.float64))  # exercise the bias term

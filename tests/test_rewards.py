@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpg import DpgError, Recipe, example_metagrads, train
+from dpg import DpgError, Recipe, example_metagrads, fine_tune
 from dpg.data import decode_bytes, encode_texts
 from dpg.metrics import pattern_metric
 from dpg.models import load_model
@@ -82,7 +82,7 @@ def test_naive_reward_gives_each_inner_run_its_phi(target):
     phis = torch.empty(8, dtype=torch.float64)
     everything = {k: p.detach() for k, p in model.named_parameters()}
     for idx in inverse_groups(8, 4):
-        params = train(model, select(examples, idx), recipe, dtype=torch.float64).params
+        params = fine_tune(model, select(examples, idx), recipe, dtype=torch.float64).params
         phis[idx] = metric(everything | params).item()
     assert torch.allclose(out, standardize(phis), rtol=1e-9, atol=1e-12)
     assert out[0] == out[4] and out[1] == out[5]  # completions of one inner run share its reward

@@ -6,7 +6,7 @@ those scores.
 """
 
 from dpg.errors import DpgError
-from dpg.metagrad import Examples, MetagradResult, Recipe, example_metagrads, make_examples, train
+from dpg.metagrad import Examples, MetagradResult, Recipe, example_metagrads, fine_tune, make_examples
 
-__all__ = ["DpgError", "Examples", "MetagradResult", "Recipe", "example_metagrads", "make_examples", "train"]
+__all__ = ["DpgError", "Examples", "MetagradResult", "Recipe", "example_metagrads", "make_examples", "fine_tune"]
 __version__ = "0.1.0"

@@ -78,10 +78,10 @@ def run_attribute(cfg: AttributeConfig) -> MetagradResult:
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     order = torch.argsort(result.scores, descending=True).tolist()
     k = min(cfg.top, len(order))
-    print(f"\nmost helpful (largest dΦ/dw):")
+    print("\nmost helpful (largest dΦ/dw):")
     for i in order[:k]:
         print(f"  {result.scores[i]:+.4e}  #{i}  {_clip(texts[i])}")
-    print(f"most harmful (smallest dΦ/dw):")
+    print("most harmful (smallest dΦ/dw):")
     for i in reversed(order[-k:]):
         print(f"  {result.scores[i]:+.4e}  #{i}  {_clip(texts[i])}")
     print(f"\nscores for all {len(texts)} examples: {out}")

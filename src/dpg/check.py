@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dpg.metagrad.engine import Examples, Metric, Recipe, example_metagrads, train
+from dpg.metagrad.engine import Examples, Metric, Recipe, example_metagrads, fine_tune
 from dpg.metagrad.precision import float64_everywhere
 from dpg.metrics import MetricConfig
 from dpg.models import ModelConfig
@@ -75,7 +75,7 @@ def check_metagrads(
                 w = torch.ones(len(exact), dtype=torch.float64)
                 w[i] += sign * h
                 with float64_everywhere():
-                    trained = train(model, examples, recipe, w, dtype=torch.float64, device=device).params
+                    trained = fine_tune(model, examples, recipe, w, dtype=torch.float64, device=device).params
                     phis.append(metric(everything | trained).item())
             fd = (phis[0] - phis[1]) / (2 * h)
             err = abs(fd - e) / max(abs(e), scale_floor)

@@ -1,5 +1,8 @@
 """The `dpg` command.
 
+    dpg demo      [CONFIG.yaml] [key=value ...]   the built-in default: train, transfer check, report
+    dpg train     CONFIG.yaml   [key=value ...]   GRPO on metagradient rewards
+    dpg evaluate  CONFIG.yaml   [key=value ...]   transfer check: base vs trained generator
     dpg attribute [CONFIG.yaml] [key=value ...]   per-example metagradient scores of a data file
     dpg check     [CONFIG.yaml] [key=value ...]   the engine against finite differences (fp64)
 
@@ -16,19 +19,55 @@ from dpg.config import describe, load_config
 from dpg.errors import DpgError
 
 COMMANDS = {
+    "demo": "the built-in default: DPG on tiny offline models (CPU, minutes), transfer check, report",
+    "train": "train a generator with GRPO on metagradient (or baseline) rewards",
+    "evaluate": "transfer check: sample data from base and trained generators, fine-tune a fresh target, measure",
     "attribute": "score each example of a data file by its exact effect on the target metric",
     "check": "verify the engine against central finite differences in fp64 on your model and recipe",
 }
 
 
-def _config_class(command: str):
+def _config(command: str):
+    """(config class, its defaults) for a command."""
     if command == "attribute":
         from dpg.attribute import AttributeConfig
 
-        return AttributeConfig
-    from dpg.check import CheckConfig
+        return AttributeConfig, AttributeConfig()
+    if command == "check":
+        from dpg.check import CheckConfig
 
-    return CheckConfig
+        return CheckConfig, CheckConfig()
+    from dpg.train import TrainConfig
+
+    if command == "demo":
+        from dpg.demo import demo_config
+
+        return TrainConfig, demo_config()
+    return TrainConfig, TrainConfig()
+
+
+def _run(command: str, cfg) -> int:
+    if command == "attribute":
+        from dpg.attribute import run_attribute
+
+        run_attribute(cfg)
+    elif command == "check":
+        from dpg.check import run_check
+
+        return 0 if run_check(cfg) else 1
+    elif command == "train":
+        from dpg.train import run_train
+
+        run_train(cfg)
+    elif command == "evaluate":
+        from dpg.evaluate import run_evaluate
+
+        run_evaluate(cfg)
+    else:
+        from dpg.demo import run_demo
+
+        run_demo(cfg)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,30 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("config", nargs="?", help="YAML config file (optional)")
+        p.add_argument("config", nargs="?", help="YAML config file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. recipe.lr=1e-4")
-        p.epilog = _keys_help(_config_class(name))
+        if "--help" in argv or "-h" in argv:  # the key listing costs imports: only when asked
+            p.epilog = _keys_help(*_config(name))
     args = parser.parse_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # no YAML file, only overrides
         config, overrides = None, [config, *overrides]
     try:
-        cfg = load_config(_config_class(args.command), config, overrides)
-        if args.command == "attribute":
-            from dpg.attribute import run_attribute
-
-            run_attribute(cfg)
-            return 0
-        from dpg.check import run_check
-
-        return 0 if run_check(cfg) else 1
+        if config is None and args.command in ("train", "evaluate"):
+            raise DpgError(f"dpg {args.command} needs a config file (see configs/, or `dpg demo` for the built-in run)")
+        cls, defaults = _config(args.command)
+        return _run(args.command, load_config(cls, config, overrides, base=defaults))
     except DpgError as err:
         print(f"dpg {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
-def _keys_help(cls) -> str:
-    rows = describe(cls)
+def _keys_help(cls, defaults) -> str:
+    rows = describe(cls, defaults=defaults)
     width = max(len(k) + len(d) for k, d, _ in rows) + 3
     lines = ["config keys (YAML or key=value):"]
     for key, default, comment in rows:

@@ -24,8 +24,11 @@ from dpg.errors import DpgError
 T = TypeVar("T")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from a YAML file (optional) then `key.sub=value` overrides."""
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, base: T | None = None
+) -> T:
+    """Build `cls` from a YAML file (optional) then `key.sub=value` overrides, on top of
+    `base` (default: `cls()`)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -48,8 +51,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DpgError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = _parse_scalar(raw)
-    return from_dict(cls, data)
+        node[leaf] = _Raw(raw)
+    return from_dict(cls, data, base=base)
+
+
+class _Raw(str):
+    """A command-line value: text for a string field, YAML for any other (numbers, lists)."""
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -81,6 +88,10 @@ def from_dict(cls: type[T], data: Any, prefix: str = "", base: Any = None) -> T:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, _Raw):
+        if tp is str or (origin in (Union, types.UnionType) and str in args and value not in ("null", "~")):
+            return str(value)
+        value = _parse_scalar(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".")
     if origin in (Union, types.UnionType):

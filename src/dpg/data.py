@@ -12,6 +12,7 @@ Layout of one example:  [bos] prompt... text... [eos]   labels on text and eos.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,31 +66,70 @@ def decode_bytes(data: bytes) -> str:
 
 
 def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[str] | None]:
-    """Examples from a file: JSONL rows with `field` (and optional "prompt"), or plain text
-    with one example per line. Returns (texts, prompts or None)."""
+    """Texts from a file. Returns (texts, prompts or None).
+
+    .jsonl/.json  one object per line with `field` (and an optional "prompt")
+    .parquet      column `field`
+    .tsv          column `field`, by name (first row is a header) or by number ("0", "1")
+    other         plain text: blocks separated by blank lines (fortune files), or one per
+                  line if the file has no blank line
+    """
     path = Path(path)
     if not path.is_file():
         raise DpgError(f"data file not found: {path}")
-    raw = decode_bytes(path.read_bytes())
-    if path.suffix in (".jsonl", ".json"):
-        texts, prompts = [], []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DpgError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or field not in row:
-                raise DpgError(f"{path}:{n}: expected an object with a {field!r} field")
-            texts.append(str(row[field]))
-            prompts.append(str(row.get("prompt", "")))
-        result = texts, (prompts if any(prompts) else None)
+    if path.suffix == ".parquet":
+        texts, prompts = _parquet_column(path, field), None
     else:
-        result = [line for line in raw.splitlines() if line.strip()], None
-    if not result[0]:
+        raw = decode_bytes(path.read_bytes())
+        if path.suffix in (".jsonl", ".json"):
+            texts, prompts = _jsonl(path, raw, field)
+        elif path.suffix == ".tsv":
+            texts, prompts = _tsv_column(path, raw, field), None
+        else:
+            blocks = [b.strip() for b in re.split(r"\n\s*\n", raw) if b.strip()]
+            texts = blocks if len(blocks) > 1 else [line for line in raw.splitlines() if line.strip()]
+            prompts = None
+    if not texts:
         raise DpgError(f"{path} holds no examples")
-    return result
+    return texts, prompts
+
+
+def _jsonl(path: Path, raw: str, field: str) -> tuple[list[str], list[str] | None]:
+    texts, prompts = [], []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DpgError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or field not in row:
+            raise DpgError(f"{path}:{n}: expected an object with a {field!r} field")
+        texts.append(str(row[field]))
+        prompts.append(str(row.get("prompt", "")))
+    return texts, (prompts if any(prompts) else None)
+
+
+def _tsv_column(path: Path, raw: str, field: str) -> list[str]:
+    rows = [line.split("\t") for line in raw.splitlines() if line.strip()]
+    if field.isdigit():
+        col = int(field)
+    elif rows and field in rows[0]:
+        col, rows = rows[0].index(field), rows[1:]
+    else:
+        raise DpgError(f"{path}: no column {field!r} (give a header name or a column number)")
+    if any(len(r) <= col for r in rows):
+        raise DpgError(f"{path}: some rows have no column {col}")
+    return [r[col] for r in rows if r[col].strip()]
+
+
+def _parquet_column(path: Path, field: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise DpgError(f"{path}: no column {field!r} (has {table.column_names})")
+    return [str(x) for x in table.column(field).to_pylist() if x is not None and str(x).strip()]
 
 
 _WORDS = (
@@ -128,3 +168,8 @@ def completion_text(completion) -> str:
     if isinstance(completion, dict):
         return str(completion.get("content", ""))
     raise DpgError(f"cannot read a completion of type {type(completion).__name__}")
+
+
+def builtin_prompts(n: int = 64, seed: int = 7) -> list[str]:
+    """Short prompts for runs without a prompt file: the first words of built-in texts."""
+    return [" ".join(t.split()[:3]) for t in builtin_texts(n, seed)]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from dpg.data import completion_text, encode_texts
 from dpg.errors import DpgError
-from dpg.metagrad.engine import Examples, Recipe, example_metagrads, train
+from dpg.metagrad.engine import Examples, Recipe, example_metagrads, fine_tune
 
 
 def inverse_groups(n: int, num_generations: int) -> list[Tensor]:
@@ -144,7 +144,7 @@ class InnerRunReward:
         return res.scores, row | {f"proxy/{k}": v for k, v in res.proxy.items()}
 
     def _naive(self, examples: Examples) -> tuple[Tensor, dict[str, float]]:
-        trained = train(self.target, examples, self.recipe, dtype=self.dtype, device=self.device).params
+        trained = fine_tune(self.target, examples, self.recipe, dtype=self.dtype, device=self.device).params
         device = next(iter(trained.values())).device
         everything = {k: p.detach().to(device) for k, p in self.target.named_parameters()} | trained
         with torch.no_grad():

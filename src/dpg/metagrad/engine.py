@@ -199,7 +199,7 @@ def _head_only(target: Target, support: Params) -> bool:
     return target.trunk is not None and not target.head_tied and bool(head) and set(support) <= head
 
 
-def train(
+def fine_tune(
     model: nn.Module,
     examples: Examples,
     recipe: Recipe,

@@ -1,0 +1,163 @@
+"""dpg evaluate: the transfer check, which is how results are reported.
+
+For each generator (the base one, the trained one, any others named): sample a fresh dataset
+on the held-out prompts, fine-tune a fresh copy of the target on it with the same inner
+recipe by plain training (no metagradients), and measure Φ and its proxy — and, for text
+goals, the share of samples in a language or containing a string. A generator is only as
+good as the target it produces from data it was never rewarded for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from dpg.attribute import resolve_device, resolve_dtype
+from dpg.data import encode_texts
+from dpg.errors import DpgError
+from dpg.metagrad.engine import fine_tune
+from dpg.metrics import build_metric
+from dpg.models import ModelConfig, load
+from dpg.train import TrainConfig, as_chat, ascii_only, load_prompts
+
+
+class TransferResult(NamedTuple):
+    generator: str  # its name in the table ("base", "trained", or the spec)
+    seed: int  # sampling seed
+    metric: float  # Φ of the target fine-tuned on the samples
+    proxy: dict[str, float]  # the metric's readable figures (pixel accuracy, norm, loss, ...)
+    text: dict[str, float]  # language share / string rates, when asked for
+    decoded: torch.Tensor | None  # the pattern the target holds (pattern metrics)
+    samples: list[str]  # the sampled completions
+
+
+def sample_completions(
+    model, tokenizer, prompts: list[str], n: int, *, chat: bool, temperature: float, max_new_tokens: int,
+    suppress: list[int] | None, seed: int, device: torch.device, batch_size: int = 64,
+) -> list[str]:  # fmt: skip
+    """n completions, cycling through the prompts, sampled as in training."""
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    texts = [
+        tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in as_chat(chosen, True)
+    ] if chat else chosen  # fmt: skip
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues at the right edge
+    out = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            for start in range(0, n, batch_size):
+                enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                ids = model.generate(
+                    **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                    suppress_tokens=suppress, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+                out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def text_figures(samples: list[str], language: str | None, target_string: str | None) -> dict[str, float]:
+    figures = {}
+    if language:
+        from dpg.baselines import LanguageIdReward
+
+        p = LanguageIdReward(language)(prompts=[""] * len(samples), completions=samples)
+        figures[f"share_{language}"] = sum(x > 0.5 for x in p) / len(p)
+        figures[f"mean_p_{language}"] = sum(p) / len(p)
+    if target_string:
+        figures["exact_rate"] = sum(target_string in s for s in samples) / len(samples)
+        figures["within_5_rate"] = sum(edit_distance_to_substring(target_string, s) <= 5 for s in samples) / len(samples)
+    return figures
+
+
+def edit_distance_to_substring(needle: str, haystack: str) -> int:
+    """Smallest Levenshtein distance between `needle` and any substring of `haystack`
+    (Sellers' algorithm: free start and end in the haystack)."""
+    previous = [0] * (len(haystack) + 1)
+    for i, a in enumerate(needle, 1):
+        current = [i] + [0] * len(haystack)
+        for j, b in enumerate(haystack, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b))
+        previous = current
+    return min(previous)
+
+
+def transfer_check(cfg: TrainConfig, name: str, generator: ModelConfig, seed: int) -> TransferResult:
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    _, heldout = load_prompts(cfg.prompts)
+    gen, gen_tok = load(generator, device=device)
+    suppress = ascii_only(gen_tok) if cfg.grpo.allowed_tokens == "ascii" else None
+    samples = sample_completions(
+        gen, gen_tok, heldout, cfg.evaluate.samples, chat=cfg.prompts.chat, temperature=cfg.grpo.temperature,
+        max_new_tokens=cfg.grpo.max_completion_length, suppress=suppress, seed=seed, device=device,
+    )  # fmt: skip
+    del gen
+    target, target_tok = load(cfg.target, device=device)
+    metric = build_metric(cfg.metric, target, target_tok)
+    examples = encode_texts(target_tok, samples, cfg.reward.max_length)
+    trained = fine_tune(target, examples, cfg.recipe, dtype=dtype, device=device).params
+    everything = {k: p.detach().to(device, dtype) for k, p in target.named_parameters()} | trained
+    with torch.no_grad():
+        phi = metric(everything).item()
+        proxy_fn, decode = getattr(metric, "proxy", None), getattr(metric, "decode", None)
+        proxy = proxy_fn(everything) if callable(proxy_fn) else {}
+        decoded = decode(everything).cpu() if callable(decode) else None
+    if not math.isfinite(phi):
+        raise DpgError(f"transfer check of {name}: Φ is not finite ({phi})")
+    text = text_figures(samples, cfg.evaluate.language, cfg.evaluate.target_string)
+    return TransferResult(name, seed, phi, proxy, text, decoded, samples)
+
+
+def generators_to_compare(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
+    out = [("base", cfg.generator)]
+    trained = Path(cfg.output_dir) / "generator"
+    if trained.is_dir():
+        out.append(("trained", ModelConfig(model=str(trained))))
+    out += [(spec, ModelConfig(model=spec)) for spec in cfg.evaluate.generators]
+    return out
+
+
+def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
+    from dpg.report import save_pattern
+
+    results = []
+    for name, spec in generators_to_compare(cfg):
+        for seed in cfg.evaluate.seeds:
+            res = transfer_check(cfg, name, spec, seed)
+            results.append(res)
+            if res.decoded is not None:
+                save_pattern(res.decoded, Path(cfg.output_dir) / "evaluate" / f"{name.replace('/', '_')}_seed{seed}.png")
+    print(results_table(results))
+    rows = [r._asdict() | {"decoded": None if r.decoded is None else r.decoded.tolist()} for r in results]
+    path = Path(cfg.output_dir) / "evaluate.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    return results
+
+
+def results_table(results: list[TransferResult]) -> str:
+    """One row per generator: mean over seeds (and the range when there are several)."""
+    names = list(dict.fromkeys(r.generator for r in results))
+    keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
+    lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    for name in names:
+        rs = [r for r in results if r.generator == name]
+        cells = [name, str(len(rs)), _mean_range([r.metric for r in rs])]
+        for k in keys:
+            cells.append(_mean_range([{**r.proxy, **r.text}[k] for r in rs if k in {**r.proxy, **r.text}]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_range(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} [{min(values):.4g}, {max(values):.4g}]"

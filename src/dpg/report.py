@@ -1,0 +1,180 @@
+"""What a run shows a person: the per-step console line, metrics.jsonl, pattern PNGs, the
+metric curve and the summary of the transfer check.
+
+RunLog is a TrainerCallback (TRL's public extension point). Once per generated batch it
+merges the reward's figures (Φ, proxy, raw reward spread, inner-run time) with TRL's logs
+(reward, loss, entropy, completion lengths) into one row of metrics.jsonl and one console
+line, and every `png_every` steps draws the pattern the target holds after the inner run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+
+class GenerationTimer:
+    """Seconds spent in the generator's `generate`, since the last `take()`.
+
+    TRL times generation itself but reports it only to W&B / MLflow, so the generator's
+    own method is wrapped (an instance attribute; the class is untouched).
+    """
+
+    def __init__(self, model):
+        self.seconds = 0.0
+        inner = model.generate
+
+        def generate(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        model.generate = generate
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+class RunLog(TrainerCallback):
+    def __init__(self, out_dir: Path, reward, timer: GenerationTimer, *, total_steps: int, per_step: int, png_every: int):
+        self.out, self.reward, self.timer = Path(out_dir), reward, timer
+        self.total_steps, self.per_step, self.png_every = total_steps, per_step, png_every
+        self.path = self.out / "metrics.jsonl"
+        self.last_row: dict[str, Any] = {}
+        self._clock = time.perf_counter()
+
+    def resume(self, global_step: int) -> None:
+        """Drop rows logged after the checkpoint we resume from: they will be redone."""
+        if self.path.exists():
+            rows = [r for r in read_rows(self.path) if r["global_step"] <= global_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._clock = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:  # the end-of-training summary has no loss
+            return
+        now = time.perf_counter()
+        wall, self._clock = now - self._clock, now
+        history = getattr(self.reward, "history", None)
+        figures = dict(history[-1]) if history else {}
+        figures.pop("step", None)
+        generation, reward_s = self.timer.take(), figures.get("seconds", 0.0)
+        step = state.global_step // self.per_step
+        row = {"step": step, "global_step": state.global_step}
+        row |= figures
+        row |= {f"trl/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
+        row |= {"time/step": wall, "time/generation": generation, "time/reward": reward_s}
+        row["time/update"] = max(wall - generation - reward_s, 0.0)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        self.last_row = row
+        print(console_line(row, self.total_steps), flush=True)
+        decoded = getattr(self.reward, "decoded", None)
+        if self.png_every and decoded is not None and (step % self.png_every == 0 or step == self.total_steps):
+            save_pattern(decoded, self.out / "patterns" / f"step_{step:05d}.png")
+
+
+def console_line(row: dict[str, Any], total: int) -> str:
+    parts = [f"step {row['step']:>4}/{total}"]
+    if "phi" in row:
+        parts.append(f"Φ {row['phi']:.5g}")
+    parts += [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in row.items() if k.startswith("proxy/")]
+    if "raw_std" in row:
+        parts.append(f"raw reward σ {row['raw_std']:.2e}")
+    elif "trl/reward" in row:
+        parts.append(f"reward {row['trl/reward']:.4g}")
+    if "trl/entropy" in row:
+        parts.append(f"entropy {row['trl/entropy']:.3g}")
+    if "trl/completions/mean_length" in row:
+        parts.append(f"len {row['trl/completions/mean_length']:.3g}")
+    parts.append(
+        f"| gen {row['time/generation']:.2f}s  reward {row['time/reward']:.2f}s  update {row['time/update']:.2f}s"
+    )
+    return "  ".join(parts)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def save_pattern(matrix: torch.Tensor, path: Path, scale: int = 24) -> None:
+    """A ±1 matrix as an image: +1 black, −1 white, 0 (unmoved) mid-grey; nearest upscaling."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = matrix.detach().float().cpu()
+    pixels = (127.5 - 127.5 * m).clamp(0, 255).to(torch.uint8).numpy()
+    img = Image.fromarray(pixels, mode="L").resize((m.shape[1] * scale, m.shape[0] * scale), Image.NEAREST)
+    img.save(path)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Φ and each proxy against the step: the metric curve of a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("phi", *sorted({k for r in rows for k in r if k.startswith("proxy/")})) if any(k in r for r in rows)]
+    if not keys:
+        keys = ["trl/reward"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_xlabel("GRPO step")
+        ax.set_title(key.replace("proxy/", "").replace("phi", "Φ (inner run on the batch)"))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, results: list, target_pattern: torch.Tensor | None, seconds: dict[str, float]) -> Path:
+    """The report folder of a run: metric curve, target/before/after patterns, summary."""
+    from dpg.evaluate import results_table
+
+    report = Path(out_dir) / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    metrics = Path(out_dir) / "metrics.jsonl"
+    if metrics.exists():
+        plot_curves(read_rows(metrics), report / "curve.png", title="during training (inner run on each generated batch)")
+    if target_pattern is not None:
+        save_pattern(target_pattern, report / "pattern_target.png")
+    for name in ("base", "trained"):
+        first = next((r for r in results if r.generator == name and r.decoded is not None), None)
+        if first is not None:
+            save_pattern(first.decoded, report / f"pattern_{name}.png")
+    table = results_table(results)
+    lines = [
+        "# dpg run summary",
+        "",
+        "Transfer check: a fresh dataset sampled from each generator on held-out prompts, a fresh",
+        "target fine-tuned on it with the inner recipe (plain training), then Φ and its proxy.",
+        "",
+        table,
+        "",
+        "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()),
+        "",
+        "Files: curve.png (Φ and proxy during training), pattern_target.png, pattern_base.png,",
+        "pattern_trained.png (black +1, white −1, grey unmoved).",
+    ]
+    (report / "summary.md").write_text("\n".join(lines) + "\n")
+    summary = {
+        "seconds": seconds,
+        "results": [{k: v for k, v in r._asdict().items() if k not in ("decoded", "samples")} for r in results],
+    }
+    (report / "summary.json").write_text(json.dumps(summary, indent=2))
+    return report

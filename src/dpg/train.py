@@ -1,0 +1,278 @@
+"""dpg train: train a generator with GRPO (TRL) on metagradient rewards, from one config.
+
+    dpg train CONFIG.yaml [key=value ...]
+
+The loop is TRL's GRPOTrainer, used through its public interface: a reward callable
+(dpg.rewards), a callback (dpg.report.RunLog: console line, metrics.jsonl, pattern PNGs)
+and GRPOConfig. TRL brings generation, LoRA through peft, several GPUs through accelerate,
+logging to TensorBoard / W&B, and checkpoints; dpg brings the rewards and the wiring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dpg.attribute import resolve_device, resolve_dtype
+from dpg.data import builtin_prompts, read_texts
+from dpg.errors import DpgError
+from dpg.metagrad.engine import Recipe
+from dpg.metrics import MetricConfig, build_metric
+from dpg.models import ModelConfig, load
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the generator (through peft); rank 0 trains every weight."""
+
+    r: int = 0  # LoRA rank; 0: full fine-tuning
+    alpha: int = 32  # LoRA alpha (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA path
+    target_modules: str = "all-linear"  # modules to adapt: "all-linear" or comma-separated names
+
+
+@dataclass
+class PromptConfig:
+    """What the generator is asked."""
+
+    file: str | None = None  # JSONL / Parquet / TSV / text file of prompts; none: built-in short prompts
+    field: str = "prompt"  # JSONL or Parquet field, TSV column name or number
+    template: str = "{prompt}"  # the prompt the generator sees; {prompt} is the file's text
+    chat: bool = False  # send it as a user message through the generator's chat template (instruct models)
+    limit: int | None = None  # use only the first this many prompts
+    heldout: int = 16  # the last prompts, kept out of training for `dpg evaluate`
+
+
+@dataclass
+class RewardConfig:
+    """How each completion is scored."""
+
+    name: str = "metagrad"  # metagrad | naive | levenshtein | language_id | embedding | module:function
+    cross_group_batching: bool = True  # metagrad: one inner run for the whole batch; false: inverse groups
+    max_length: int = 128  # target tokens per completion (longer text is cut)
+    targets: list[str] = field(default_factory=list)  # levenshtein / embedding: the target texts
+    targets_file: str | None = None  # levenshtein / embedding: more target texts (see prompts.file formats)
+    language: str = "de"  # language_id: ISO 639-1 code of the language to reward
+
+
+@dataclass
+class GRPOSettings:
+    """The RL loop (TRL's GRPOTrainer). One step = one generated batch."""
+
+    steps: int = 100  # generated batches to train on
+    prompts_per_step: int = 16  # prompts per generated batch
+    num_generations: int = 4  # completions per prompt (the GRPO group)
+    temperature: float = 1.0  # sampling temperature
+    max_completion_length: int = 128  # generator tokens per completion
+    learning_rate: float = 5e-6  # generator learning rate (AdamW)
+    lr_schedule: str = "constant"  # constant | linear | cosine (transformers schedulers)
+    updates_per_step: int = 1  # optimizer steps per generated batch (it is cut into this many mini-batches)
+    num_iterations: int = 1  # passes over each generated batch; >1 reuses it under the clipped ratio
+    epsilon: float = 0.2  # PPO clip range of the policy ratio
+    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    loss_type: str = "grpo"  # TRL loss aggregation: grpo | dapo | dr_grpo | bnpo | ...
+    scale_rewards: str = "group"  # advantage normalisation: group | batch | none
+    allowed_tokens: str = "all"  # all | ascii: a byte-level generator samples printable ASCII, space, newline only
+    save_every: int = 50  # steps between checkpoints; 0: none
+    png_every: int = 10  # steps between PNGs of the pattern the target holds (pattern metrics); 0: none
+    report_to: str = "none"  # none | tensorboard | wandb (through TRL)
+    extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, passed through as is
+
+
+@dataclass
+class EvaluateSettings:
+    """dpg evaluate: the transfer check."""
+
+    samples: int = 256  # completions sampled from each generator (on the held-out prompts)
+    seeds: list[int] = field(default_factory=lambda: [0])  # sampling seeds; each is a fresh dataset and target run
+    generators: list[str] = field(default_factory=list)  # more generators to compare (paths or presets)
+    language: str | None = None  # also report the share of samples in this language (fastText language ID)
+    target_string: str | None = None  # also report how often samples contain this string (exact, edit distance ≤ 5)
+
+
+@dataclass
+class TrainConfig:
+    """dpg train / evaluate / demo: everything a DPG run needs."""
+
+    output_dir: str = "runs/dpg"  # checkpoints, metrics.jsonl, pattern PNGs, the final generator
+    seed: int = 0  # seeds sampling, the data order and the policy updates
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (generator and target)
+    dtype: str = "float32"  # metagradient precision: float32 | float64
+    resume: bool = True  # continue from the last checkpoint in output_dir, if any
+    generator: ModelConfig = field(default_factory=lambda: ModelConfig(seed=1))  # the model GRPO trains
+    lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the generator
+    target: ModelConfig = field(default_factory=ModelConfig)  # the model fine-tuned on the completions
+    prompts: PromptConfig = field(default_factory=PromptConfig)  # what the generator is asked
+    metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, what the target should become
+    reward: RewardConfig = field(default_factory=RewardConfig)  # how completions are scored
+    recipe: Recipe = field(default_factory=Recipe)  # the target's inner run (fine-tuning on a batch)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)  # the RL loop
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)  # the transfer check
+
+
+def load_prompts(cfg: PromptConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), each already through the template."""
+    texts = read_texts(cfg.file, cfg.field)[0] if cfg.file else builtin_prompts()
+    texts = texts[: cfg.limit] if cfg.limit else texts
+    if len(texts) <= cfg.heldout:
+        raise DpgError(f"{len(texts)} prompts leave none for training after prompts.heldout = {cfg.heldout}")
+    try:
+        prompts = [cfg.template.format(prompt=t) for t in texts]
+    except (KeyError, IndexError, ValueError) as err:
+        raise DpgError(f"prompts.template {cfg.template!r} is not a valid template with {{prompt}}: {err}") from None
+    return prompts[: len(prompts) - cfg.heldout], prompts[len(prompts) - cfg.heldout :]
+
+
+def as_chat(prompts: list[str], chat: bool) -> list:
+    """TRL treats a list of messages as a conversation and applies the chat template."""
+    return [[{"role": "user", "content": p}] for p in prompts] if chat else prompts
+
+
+def ascii_only(tokenizer) -> list[int]:
+    """Token ids a byte-level tokenizer should never sample for printable-ASCII text."""
+    keep = set(range(0x20, 0x7F)) | {ord("\n")}
+    suppress = []
+    for token_id in range(len(tokenizer)):
+        if token_id in tokenizer.all_special_ids:
+            continue
+        raw = tokenizer.decode([token_id]).encode("utf-8", errors="replace")
+        if not raw or any(b not in keep for b in raw):
+            suppress.append(token_id)
+    return suppress
+
+
+def build_reward(cfg: TrainConfig, target, target_tok, device, dtype):
+    from dpg import baselines, metrics
+    from dpg.rewards import InnerRunReward
+
+    r = cfg.reward
+    if r.name in ("metagrad", "naive"):
+        metric = build_metric(cfg.metric, target, target_tok)
+        return InnerRunReward(
+            r.name, target, target_tok, metric, cfg.recipe, max_length=r.max_length,
+            cross_group_batching=r.cross_group_batching, num_generations=cfg.grpo.num_generations,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+    targets = list(r.targets) + (read_texts(r.targets_file)[0] if r.targets_file else [])
+    if r.name == "levenshtein":
+        return baselines.LevenshteinReward(targets)
+    if r.name == "embedding":
+        return baselines.EmbeddingReward(targets)
+    if r.name == "language_id":
+        return baselines.LanguageIdReward(r.language)
+    if ":" in r.name:
+        fn = metrics.custom_metric(r.name)  # same "module:function" resolution
+        if not hasattr(fn, "__name__"):
+            raise DpgError(f"reward {r.name!r} needs a __name__ (TRL logs rewards under it)")
+        return fn
+    raise DpgError(f"unknown reward {r.name!r}; known: metagrad, naive, levenshtein, language_id, embedding, module:function")
+
+
+def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
+    from trl import GRPOConfig
+
+    g = cfg.grpo
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = g.prompts_per_step * g.num_generations  # completions per generated batch
+    if batch % (g.updates_per_step * world):
+        raise DpgError(
+            f"grpo.prompts_per_step × num_generations = {batch} completions do not split into "
+            f"updates_per_step = {g.updates_per_step} mini-batches over {world} process(es)"
+        )
+    per_step = g.updates_per_step * g.num_iterations  # optimizer steps per generated batch
+    kwargs = dict(
+        output_dir=cfg.output_dir, seed=cfg.seed, use_cpu=device.type == "cpu", bf16=False, fp16=False,
+        learning_rate=g.learning_rate, lr_scheduler_type=g.lr_schedule, max_steps=g.steps * per_step,
+        per_device_train_batch_size=batch // (g.updates_per_step * world), steps_per_generation=g.updates_per_step,
+        num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_completion_length,
+        num_iterations=g.num_iterations, epsilon=g.epsilon, beta=g.beta, loss_type=g.loss_type,
+        scale_rewards=g.scale_rewards, logging_steps=per_step, report_to=g.report_to, disable_tqdm=True,
+        save_strategy="steps" if g.save_every else "no", save_steps=max(g.save_every, 1) * per_step,
+        generation_kwargs={"suppress_tokens": ascii_only(generator_tok)} if g.allowed_tokens == "ascii" else None,
+    )  # fmt: skip
+    if g.allowed_tokens not in ("all", "ascii"):
+        raise DpgError(f"grpo.allowed_tokens must be 'all' or 'ascii', got {g.allowed_tokens!r}")
+    kwargs |= g.extra
+    try:
+        return GRPOConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise DpgError(f"GRPO settings rejected by TRL: {err}") from None
+
+
+def lora_config(cfg: LoraSettings):
+    if cfg.r == 0:
+        return None
+    from peft import LoraConfig
+
+    modules = cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",")]
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=modules, task_type="CAUSAL_LM")
+
+
+def run_train(cfg: TrainConfig) -> Path:
+    """Train; return the directory of the final generator (a standard HF model directory)."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOTrainer
+
+    from dpg.report import GenerationTimer, RunLog
+
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # Everything that can be checked is checked before any model runs.
+    train_prompts, _ = load_prompts(cfg.prompts)
+    generator, generator_tok = load(cfg.generator, device="cpu")  # TRL / accelerate place it
+    generator.train()
+    target, target_tok = load(cfg.target, device=device)
+    reward = build_reward(cfg, target, target_tok, device, dtype)
+    args = grpo_config(cfg, device, generator_tok)
+    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
+
+    if cfg.grpo.beta and not Path(generator.config._name_or_path or "").is_dir():
+        # TRL loads the KL reference model with from_pretrained(config._name_or_path): give an
+        # in-memory generator (a preset) a directory to be loaded from.
+        base = out / "base_generator"
+        generator.save_pretrained(base)
+        generator_tok.save_pretrained(base)
+        generator.config._name_or_path = str(base)
+    timer = GenerationTimer(generator)  # TRL reports its own timings only to W&B / MLflow
+    log = RunLog(out, reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps, png_every=cfg.grpo.png_every)
+    trainer = GRPOTrainer(
+        model=generator,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": as_chat(train_prompts, cfg.prompts.chat)}),
+        processing_class=generator_tok,
+        peft_config=lora_config(cfg.lora),
+        callbacks=[log],
+    )
+    trainer.remove_callback(PrinterCallback)  # RunLog prints one readable line per step instead
+    hf_logging.disable_progress_bar()  # no bars for writing shards at every checkpoint
+    resume_from = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
+    if resume_from:
+        print(f"resuming from {resume_from}")
+        log.resume(int(resume_from.rsplit("-", 1)[-1]))
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    final = out / "generator"
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model, loadable without peft
+        model = model.merge_and_unload()
+    model.save_pretrained(final)
+    generator_tok.save_pretrained(final)
+    summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "last": log.last_row}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"generator saved to {final}")
+    return final

@@ -1,0 +1,113 @@
+"""dpg train end to end on the tiny presets: it learns something, logs, saves, resumes."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpg import DpgError
+from dpg.config import load_config
+from dpg.models import byte_tokenizer, load_model
+from dpg.train import TrainConfig, ascii_only, grpo_config, load_prompts, run_train
+
+TINY = [
+    "generator.model=tiny-gpt2", "target.model=tiny-llama", "recipe.optimizer=sgd", "recipe.lr=1.0",
+    "reward.max_length=16", "grpo.prompts_per_step=4", "grpo.num_generations=2", "grpo.max_completion_length=8",
+    "grpo.learning_rate=1e-2", "grpo.allowed_tokens=ascii", "grpo.png_every=1", "prompts.heldout=4",
+]  # fmt: skip
+
+
+def tiny(tmp_path, *more):
+    return load_config(TrainConfig, None, [f"output_dir={tmp_path}", *TINY, *more])
+
+
+def test_two_steps_train_the_generator_and_log(tmp_path):
+    cfg = tiny(tmp_path, "grpo.steps=2", "grpo.save_every=0")
+    before = {k: v.clone() for k, v in load_model("tiny-gpt2", seed=1)[0].state_dict().items()}
+    final = run_train(cfg)
+    after = load_model(str(final))[0].state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and "lm_head.weight" in changed
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["phi"]) and 0 <= r["proxy/pixel_accuracy"] <= 1
+        assert r["raw_std"] > 0 and math.isfinite(r["raw_min"]) and math.isfinite(r["raw_max"])
+        assert r["time/generation"] > 0 and r["time/reward"] > 0
+    assert sorted(p.name for p in (tmp_path / "patterns").iterdir()) == ["step_00001.png", "step_00002.png"]
+    saved = load_config(TrainConfig, tmp_path / "config.yaml")
+    assert saved == cfg
+
+
+def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    import dpg.rewards
+
+    whole = run_train(tiny(tmp_path / "whole", "grpo.steps=3", "grpo.save_every=1"))
+    reference = load_model(str(whole))[0].state_dict()
+
+    real = dpg.rewards.InnerRunReward.__call__
+    calls = {"n": 0}
+
+    def crash_on_third(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the run dies in step 3, after checkpoint 2
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(dpg.rewards.InnerRunReward, "__call__", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny(tmp_path / "cut", "grpo.steps=3", "grpo.save_every=1"))
+    assert (tmp_path / "cut" / "checkpoint-2").is_dir() and not (tmp_path / "cut" / "generator").exists()
+    monkeypatch.setattr(dpg.rewards.InnerRunReward, "__call__", real)
+    resumed = run_train(tiny(tmp_path / "cut", "grpo.steps=3", "grpo.save_every=1"))
+    rows = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]  # step 3 logged once, by the resumed run
+    state = load_model(str(resumed))[0].state_dict()
+    for k in reference:
+        assert torch.allclose(state[k], reference[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_prompts_template_and_heldout(tmp_path):
+    f = tmp_path / "p.tsv"
+    f.write_text("english\tgerman\n" + "".join(f"line {i}\tzeile {i}\n" for i in range(10)))
+    cfg = load_config(TrainConfig, None, [f"prompts.file={f}", "prompts.field=english", "prompts.template=Rephrase: {prompt}", "prompts.heldout=3"])
+    train, heldout = load_prompts(cfg.prompts)
+    assert train[0] == "Rephrase: line 0" and len(train) == 7 and heldout == [f"Rephrase: line {i}" for i in (7, 8, 9)]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("reward.name=magic", "unknown reward 'magic'"),
+        ("grpo.allowed_tokens=latin", "allowed_tokens"),
+        ("grpo.updates_per_step=3", "do not split"),  # 4 prompts × 2 completions into 3 mini-batches
+        ("prompts.template=Say {nothing}", "not a valid template"),
+        ("prompts.heldout=500", "leave none for training"),
+        ("grpo.extra={no_such_option: 1}", "rejected by TRL"),
+        ("reward.name=naive", "cross_group_batching: false"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, override, message):
+    cfg = tiny(tmp_path, "grpo.steps=1", "grpo.updates_per_step=2", override)
+    with pytest.raises(DpgError, match=message):
+        run_train(cfg)
+    assert not (tmp_path / "checkpoint-1").exists()
+
+
+def test_ascii_only_keeps_printable_ascii():
+    tok = byte_tokenizer()
+    suppressed = set(ascii_only(tok))
+    for ch in "aZ0 !~\n":
+        assert tok.convert_tokens_to_ids(tok.tokenize(ch))[0] not in suppressed
+    assert tok.eos_token_id not in suppressed  # completions can still end
+    assert len(suppressed) == 257 - 95 - 1 - 1  # all but 95 printable, newline, and <|endoftext|>
+
+
+def test_grpo_config_maps_steps_and_batches():
+    cfg = load_config(TrainConfig, None, ["grpo.steps=10", "grpo.prompts_per_step=8", "grpo.num_generations=4",
+                                          "grpo.updates_per_step=2", "grpo.num_iterations=3", "grpo.save_every=5"])  # fmt: skip
+    args = grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
+    assert args.max_steps == 10 * 2 * 3 and args.per_device_train_batch_size == 16 and args.steps_per_generation == 2
+    assert args.generation_batch_size == 32 and args.logging_steps == 6 and args.save_steps == 30
+    assert args.beta == 0.0 and args.num_generations == 4 and args.num_iterations == 3
