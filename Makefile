@@ -24,7 +24,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" 
 
 demo: $(STAMP)
-	$(VENV)/bin/dpg attribute
+	$(VENV)/bin/dpg demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -111,3 +111,27 @@ def test_grpo_config_maps_steps_and_batches():
     assert args.max_steps == 10 * 2 * 3 and args.per_device_train_batch_size == 16 and args.steps_per_generation == 2
     assert args.generation_batch_size == 32 and args.logging_steps == 6 and args.save_steps == 30
     assert args.beta == 0.0 and args.num_generations == 4 and args.num_iterations == 3
+
+
+def test_lora_generator_is_saved_merged(tmp_path):
+    cfg = tiny(tmp_path, "grpo.steps=1", "grpo.save_every=0", "lora.r=4", "lora.target_modules=c_attn,c_proj")
+    final = run_train(cfg)
+    assert not (final / "adapter_config.json").exists()  # a plain model, loadable without peft
+    base = load_model("tiny-gpt2", seed=1)[0].state_dict()
+    merged = load_model(str(final))[0].state_dict()
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(("c_attn" in k or "c_proj" in k) for k in changed)
+
+
+def test_chat_prompts_need_a_chat_template(tmp_path):
+    with pytest.raises(DpgError, match="no chat template"):
+        run_train(tiny(tmp_path, "grpo.steps=1", "prompts.chat=true"))
+
+
+def test_parquet_prompts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": [f"q{i}" for i in range(6)]}), tmp_path / "p.parquet")
+    cfg = load_config(TrainConfig, None, [f"prompts.file={tmp_path / 'p.parquet'}", "prompts.field=question", "prompts.heldout=2"])
+    assert load_prompts(cfg.prompts) == (["q0", "q1", "q2", "q3"], ["q4", "q5"])

@@ -234,6 +234,8 @@ def run_train(cfg: TrainConfig) -> Path:
     train_prompts, _ = load_prompts(cfg.prompts)
     generator, generator_tok = load(cfg.generator, device="cpu")  # TRL / accelerate place it
     generator.train()
+    if cfg.prompts.chat and not getattr(generator_tok, "chat_template", None):
+        raise DpgError(f"prompts.chat is true but the generator {cfg.generator.model!r} has no chat template")
     target, target_tok = load(cfg.target, device=device)
     reward = build_reward(cfg, target, target_tok, device, dtype)
     args = grpo_config(cfg, device, generator_tok)
