@@ -29,7 +29,11 @@ def head_metric(model):
     """A pattern-like metric on a block of the LM head (changes from the initial weights)."""
     name = head_name(model)
     w0 = model.get_output_embeddings().weight.detach()[:5, :4].clone()
-    sign = torch.tensor([[1, -1, 1, -1], [-1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [1, -1, -1, 1]], dtype=w0.dtype, device=w0.device)
+    sign = torch.tensor(
+        [[1, -1, 1, -1], [-1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [1, -1, -1, 1]],
+        dtype=w0.dtype,
+        device=w0.device,
+    )
 
     def metric(params):
         delta = params[name][:5, :4] - w0.to(params[name])
@@ -145,13 +149,17 @@ def test_offload_modes_agree():
     examples = ragged_examples()
     recipe = Recipe(lr=1e-2, steps=3, microbatch_size=4)
     metric = head_metric(model)
-    runs = [example_metagrads(model, examples, recipe, metric, dtype=torch.float64, offload=o).scores for o in ("cpu", "disk", "device")]
+    runs = [
+        example_metagrads(model, examples, recipe, metric, dtype=torch.float64, offload=o).scores
+        for o in ("cpu", "disk", "device")
+    ]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("on", ["all", "head"])  # a tangent on every parameter, or on the head alone
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("family,tol", [("gpt2", 1e-9), ("llama", 1e-5)])  # Llama: fp32 RMSNorm
-def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol, tied):
+def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol, tied, on):
     """tangent_scores and the HVP pass against per-example autograd gradients."""
     from dpg.metagrad.engine import plan_steps
     from dpg.metagrad.target import batch_loss_grad, hvp_and_tangent_scores, prepared, tangent_scores
@@ -163,26 +171,31 @@ def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol
     (mb,) = step.microbatches
     g = torch.Generator().manual_seed(5)
     tangent = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in target.params.items()}
+    if on == "head":
+        tangent = {target.head: tangent[target.head]}
     dl = tangent_scores(target, target.params, tangent, mb)
     hv, dl2 = hvp_and_tangent_scores(target, target.params, tangent, mb, step.size)
     leaves = {k: p.detach().clone().requires_grad_(True) for k, p in target.params.items()}
+
     def math():
         return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
 
     with math():  # CPU flash attention has no double backward
         width = mb.input_ids.shape[1]
-        losses = example_losses_ref(target.module, leaves, mb.input_ids, mb.attention_mask, examples.loss_mask[mb.index, :width])
+        losses = example_losses_ref(
+            target.module, leaves, mb.input_ids, mb.attention_mask, examples.loss_mask[mb.index, :width]
+        )
     brute = []
     for i in range(len(losses)):
         gi = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True)
-        brute.append(sum((a * tangent[k]).sum() for a, k in zip(gi, leaves)))
+        brute.append(sum((a * tangent[k]).sum() for a, k in zip(gi, leaves) if k in tangent))
     brute = torch.stack(brute)
     assert rel_err(dl, brute) < tol and rel_err(dl2, brute) < tol
     # HVP against double backward of the batch loss.
     loss = losses.sum() / step.size
     with math():
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, retain_graph=True)
-        dot = sum((a * tangent[k]).sum() for a, k in zip(grads, leaves))
+        dot = sum((a * tangent[k]).sum() for a, k in zip(grads, leaves) if k in tangent)
         ref = dict(zip(leaves, torch.autograd.grad(dot, list(leaves.values()), retain_graph=True)))
     for k in ref:
         assert rel_err(hv[k], ref[k]) < tol, k
@@ -199,7 +212,9 @@ def test_diagnostics_are_reported():
     assert all(v >= 0 for v in res.timings.values())
     assert res.peak_memory is None  # CPU
     assert res.scores.dtype == torch.float64 and res.scores.shape == (6,)
-    ref_loss = example_losses_ref(model, dict(model.named_parameters()), *ragged_examples()[:2], ragged_examples().loss_mask)[:3].mean()
+    ref_loss = example_losses_ref(
+        model, dict(model.named_parameters()), *ragged_examples()[:2], ragged_examples().loss_mask
+    )[:3].mean()
     assert res.losses[0] == pytest.approx(ref_loss.item(), rel=1e-5)
 
 
@@ -321,9 +336,14 @@ def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
     examples = ragged_examples()
     target = prepared(model, torch.float64, torch.device("cpu")).__enter__()
     assert target.trunk is not None and target.head_bias == "lm_head.bias"
-    (step,) = plan_steps(examples, torch.ones(6, dtype=torch.float64), Recipe(microbatch_size=4), torch.device("cpu"), torch.float64)
+    (step,) = plan_steps(
+        examples, torch.ones(6, dtype=torch.float64), Recipe(microbatch_size=4), torch.device("cpu"), torch.float64
+    )
     g = torch.Generator().manual_seed(3)
-    tangent = {k: torch.randn(target.params[k].shape, generator=g, dtype=torch.float64) for k in ("lm_head.weight", "lm_head.bias")}
+    tangent = {
+        k: torch.randn(target.params[k].shape, generator=g, dtype=torch.float64)
+        for k in ("lm_head.weight", "lm_head.bias")
+    }
     for mb in step.microbatches:
         _, _, hidden = batch_loss_grad(target, target.params, mb, step.size)
         fast = head_tangent_scores(target, target.params, tangent, hidden, mb, chunk=5)
@@ -340,7 +360,9 @@ def test_m1_head_metric_takes_the_saved_hidden_state_path(monkeypatch):
     real = engine.head_tangent_scores
     monkeypatch.setattr(engine, "head_tangent_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model("gpt2", False)
-    res = example_metagrads(model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model), dtype=torch.float64)
+    res = example_metagrads(
+        model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model), dtype=torch.float64
+    )
     assert len(calls) == 2  # both microbatches
     ref, _ = unrolled_scores(model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model))
     assert rel_err(res.scores, ref) < 1e-8
@@ -365,3 +387,26 @@ def test_caller_model_is_left_as_found(dtype):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert torch.isfinite(res.scores).all()
+
+
+def test_layer_norm_from_primitives_differentiates_its_tangent_correctly():
+    """The reverse-over-forward pass replaces layer_norm (torch.func's gradient of its tangent
+    is wrong); the replacement equals F.layer_norm and matches finite differences."""
+    import torch.nn.functional as F
+    from torch.func import grad, jvp
+
+    from dpg.metagrad.target import _layer_norm, _LayerNormFromPrimitives
+
+    g = torch.Generator().manual_seed(0)
+    x, tx = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    w, b, tw = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3))
+    assert rel_err(_layer_norm(x, (6,), w, b), F.layer_norm(x, (6,), w, b)) < 1e-14
+
+    def objective(x):
+        with _LayerNormFromPrimitives():
+            t = jvp(lambda x, w: F.layer_norm(x, (6,), w, b), (x, w), (tx, tw))[1]
+        return (t**2).sum()
+
+    v = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    fd = (objective(x + 1e-6 * v) - objective(x - 1e-6 * v)) / 2e-6
+    assert abs((grad(objective)(x) * v).sum() - fd) < 1e-7 * abs(fd)
