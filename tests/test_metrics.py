@@ -86,9 +86,7 @@ def test_pattern_67_values():
 
 def finder():
     """The 7×7 QR finder pattern: dark ring, light ring, 3×3 dark centre."""
-    return torch.tensor(
-        [[1.0 if max(abs(i - 3), abs(j - 3)) != 2 else -1.0 for j in range(7)] for i in range(7)]
-    )
+    return torch.tensor([[1.0 if max(abs(i - 3), abs(j - 3)) != 2 else -1.0 for j in range(7)] for i in range(7)])
 
 
 def test_qr_pattern_finder_patterns():
@@ -373,7 +371,9 @@ def test_build_metric(tmp_path):
     assert l2(params).item() == pytest.approx(-float(params["lm_head.weight"].norm()), rel=1e-13)
     # lm_loss: inline texts and a file's texts, pooled together.
     (tmp_path / "texts.txt").write_text("a dog ran\n\nthe red mat\n")
-    lm = build_metric(MetricConfig(name="lm_loss", texts=["the cat sat"], texts_file=str(tmp_path / "texts.txt")), model, tok)
+    lm = build_metric(
+        MetricConfig(name="lm_loss", texts=["the cat sat"], texts_file=str(tmp_path / "texts.txt")), model, tok
+    )
     texts = ["the cat sat", "a dog ran", "the red mat"]
     refs = [hf_loss(model, tok, t) for t in texts]
     ref = sum(loss * c for loss, c in refs) / sum(c for _, c in refs)
@@ -384,3 +384,22 @@ def test_build_metric(tmp_path):
         build_metric(MetricConfig(name="accuracy"), model, tok)
     for known in ("pattern", "l2", "lm_loss", "module:function"):
         assert known in str(err.value)
+
+
+def test_lm_loss_texts_from_a_tsv_column_and_row_slice(tmp_path):
+    from dpg.metrics import MetricConfig, build_metric
+
+    rows = [("one en", "eins de"), ("two en", "zwei de"), ("three en", "drei de"), ("four en", "vier de")]
+    path = tmp_path / "pairs.tsv"
+    path.write_text("".join(f"{a}\t{b}\n" for a, b in rows))
+    model, tok = tiny_model("gpt2", False), tiny_tokenizer()
+    params = dict(model.named_parameters())
+    got = build_metric(
+        MetricConfig(name="lm_loss", texts_file=str(path), texts_field="1", texts_rows="-2:"), model, tok
+    )
+    want = lm_loss_metric(model, tok, ["drei de", "vier de"])
+    assert torch.allclose(got(params), want(params), rtol=1e-6, atol=0)
+    with pytest.raises(DpgError, match="texts_rows"):
+        build_metric(MetricConfig(name="lm_loss", texts_file=str(path), texts_field="1", texts_rows="2"), model, tok)
+    with pytest.raises(DpgError, match="selects no rows"):
+        build_metric(MetricConfig(name="lm_loss", texts_file=str(path), texts_field="1", texts_rows="10:"), model, tok)

@@ -251,7 +251,19 @@ class MetricConfig:
     sharpness: float = 20.0  # pattern: k in −mean softplus(−k·S·ΔB)
     texts: list[str] = field(default_factory=list)  # lm_loss: texts to measure the loss on
     texts_file: str | None = None  # lm_loss: more texts, one per line or JSONL "text" (+ "prompt")
+    texts_field: str = "text"  # lm_loss: JSONL/Parquet field or TSV column (name or number) of texts_file
+    texts_rows: str = ":"  # lm_loss: rows of texts_file to use, a Python slice "start:stop" (e.g. "-256:")
     max_length: int = 128  # lm_loss: tokens per text, at most
+
+
+def _rows(spec: str) -> slice:
+    try:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        if len(parts) != 2:
+            raise ValueError
+    except ValueError:
+        raise DpgError(f"metric.texts_rows must be a slice 'start:stop' of integers, got {spec!r}") from None
+    return slice(*parts)
 
 
 KNOWN_METRICS = ("pattern", "l2", "lm_loss", "module:function")
@@ -266,7 +278,11 @@ def build_metric(config: MetricConfig, model: nn.Module, tokenizer) -> Callable[
     if config.name == "lm_loss":
         texts, prompts = list(config.texts), [""] * len(config.texts)
         if config.texts_file is not None:
-            file_texts, file_prompts = read_texts(config.texts_file)
+            file_texts, file_prompts = read_texts(config.texts_file, config.texts_field)
+            rows = _rows(config.texts_rows)
+            file_texts, file_prompts = file_texts[rows], file_prompts and file_prompts[rows]
+            if not file_texts:
+                raise DpgError(f"metric.texts_rows={config.texts_rows!r} selects no rows of {config.texts_file}")
             texts += file_texts
             prompts += file_prompts or [""] * len(file_texts)
         if not texts:
