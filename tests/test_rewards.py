@@ -100,7 +100,11 @@ def test_failures_raise_naming_the_step(target):
         return params["lm_head.weight"].sum() * float("nan")
 
     reward = InnerRunReward("metagrad", model, tok, nan_metric, Recipe(), max_length=32, dtype=torch.float64)
-    with pytest.raises(DpgError, match=r"step 7: the metagrad reward failed: .*not finite"):
+    with pytest.raises(DpgError, match=r"step 8: the metagrad reward failed: .*not finite"):  # 7 done, 8 under way
+        reward(prompts=["p"], completions=["text"], trainer_state=State())
+    State.global_step = 6  # with 3 optimizer steps per generated batch, step 3 (of dpg's log) is under way
+    reward = InnerRunReward("metagrad", model, tok, nan_metric, Recipe(), max_length=32, steps_per_batch=3)
+    with pytest.raises(DpgError, match=r"step 3: the metagrad reward failed"):
         reward(prompts=["p"], completions=["text"], trainer_state=State())
     with pytest.raises(DpgError, match="'metagrad' or 'naive'"):
         InnerRunReward("magic", model, tok, nan_metric, Recipe())
@@ -115,3 +119,27 @@ def test_chat_completions_and_log_metric(target):
     plain = InnerRunReward("metagrad", model, tok, metric, Recipe(lr=1e-3), max_length=32, dtype=torch.float64)
     assert out == plain(prompts=["p", "p"], completions=["ab!", "cd#"])
     assert {"dpg/phi", "dpg/proxy/pixel_accuracy", "dpg/raw_std", "dpg/seconds"} <= set(logged)
+
+
+def test_non_finite_metagradients_and_inner_losses_stop_the_step(target, monkeypatch):
+    import dpg.rewards as rewards
+
+    model, tok, metric = target
+    real = rewards.example_metagrads
+
+    def one_nan_score(*a, **k):
+        res = real(*a, **k)
+        res.scores[1] = float("nan")
+        return res
+
+    monkeypatch.setattr(rewards, "example_metagrads", one_nan_score)
+    reward = InnerRunReward("metagrad", model, tok, metric, Recipe(lr=1e-3), max_length=32, dtype=torch.float64)
+    with pytest.raises(DpgError, match=r"step 1: the metagrad reward is not finite for completions \[1\]"):
+        reward(prompts=["p"] * 3, completions=["a", "b", "c"])
+    assert reward.history == []  # nothing logged as if the step had a reward
+
+    # The inner run diverges: in fp32, SGD at lr 1e10 makes the second inner step's loss NaN.
+    naive = InnerRunReward("naive", model, tok, metric, Recipe(optimizer="sgd", lr=1e10, steps=2), max_length=32,
+                           cross_group_batching=False, num_generations=1, dtype=torch.float32)  # fmt: skip
+    with pytest.raises(DpgError, match=r"step 1: the naive reward failed: the inner training loss is not finite at inner step 2"):  # fmt: skip
+        naive(prompts=["p"] * 2, completions=["ab", "cd"])

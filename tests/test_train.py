@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from dpg import DpgError
 from dpg.config import load_config
 from dpg.models import byte_tokenizer, load_model
+from dpg.safety import SEAL
 from dpg.train import TrainConfig, ascii_only, grpo_config, load_prompts, run_train
 
 TINY = [
@@ -58,11 +60,22 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
     monkeypatch.setattr(dpg.rewards.InnerRunReward, "__call__", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         run_train(tiny(tmp_path / "cut", "grpo.steps=3", "grpo.save_every=1"))
-    assert (tmp_path / "cut" / "checkpoint-2").is_dir() and not (tmp_path / "cut" / "generator").exists()
+    cut = tmp_path / "cut"
+    assert (cut / "checkpoint-2").is_dir() and not (cut / "generator").exists()
+    # As if killed while writing checkpoint 3: step 3 logged, its folder holds a truncated
+    # optimizer state and no trainer state.
+    shutil.copytree(cut / "checkpoint-2", cut / "checkpoint-3")
+    (cut / "checkpoint-3" / "trainer_state.json").unlink()
+    (cut / "checkpoint-3" / SEAL).unlink()
+    optimizer = cut / "checkpoint-3" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with (cut / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "global_step": 3}) + "\n")
     monkeypatch.setattr(dpg.rewards.InnerRunReward, "__call__", real)
-    resumed = run_train(tiny(tmp_path / "cut", "grpo.steps=3", "grpo.save_every=1"))
-    rows = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    resumed = run_train(tiny(cut, "grpo.steps=3", "grpo.save_every=1"))
+    rows = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3]  # step 3 logged once, by the resumed run
+    assert (cut / "checkpoint-3" / SEAL).is_file()  # written over by the resumed run, and sealed
     state = load_model(str(resumed))[0].state_dict()
     for k in reference:
         assert torch.allclose(state[k], reference[k], rtol=1e-5, atol=1e-7), k

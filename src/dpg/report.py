@@ -10,6 +10,7 @@ line, and every `png_every` steps draws the pattern the target holds after the i
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,13 @@ class RunLog(TrainerCallback):
         self._clock = time.perf_counter()
 
     def resume(self, global_step: int) -> None:
-        """Drop rows logged after the checkpoint we resume from: they will be redone."""
+        """Drop rows logged after the checkpoint we resume from (0: a fresh start): they will
+        be redone. A last line cut short by a killed run is dropped too."""
         if self.path.exists():
-            rows = [r for r in read_rows(self.path) if r["global_step"] <= global_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            rows = [r for r in read_rows(self.path, partial_ok=True) if r["global_step"] <= global_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, self.path)  # a kill now leaves the old file or the new one, never half of it
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._clock = time.perf_counter()
@@ -104,8 +108,17 @@ def console_line(row: dict[str, Any], total: int) -> str:
     return "  ".join(parts)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_rows(path: Path, partial_ok: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; `partial_ok`: skip a last line cut short (a killed run)."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not (partial_ok and i == len(lines) - 1):
+                raise
+    return rows
 
 
 def save_pattern(matrix: torch.Tensor, path: Path, scale: int = 24) -> None:

@@ -24,6 +24,7 @@ computed raises DpgError naming the step and the cause; it never returns silent 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,7 @@ class InnerRunReward:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         offload: str = "cpu",
+        steps_per_batch: int = 1,
     ):
         if kind not in ("metagrad", "naive"):
             raise DpgError(f"an inner-run reward is 'metagrad' or 'naive', got {kind!r}")
@@ -93,12 +95,14 @@ class InnerRunReward:
         self.target, self.tokenizer, self.metric, self.recipe = target, tokenizer, metric, recipe
         self.max_length, self.cross_group_batching, self.num_generations = max_length, cross_group_batching, num_generations
         self.dtype, self.device, self.offload = dtype, device, offload
+        self.steps_per_batch = steps_per_batch  # optimizer steps per generated batch: errors name dpg's step
         self.history: list[dict[str, Any]] = []  # one row of figures per call (generated batch)
         self.decoded: Tensor | None = None  # the pattern the target held after the last inner run
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         state = kwargs.get("trainer_state")
-        step = state.global_step if state is not None else len(self.history)
+        # The step in progress, numbered as dpg train logs it (1, 2, ...: one per generated batch).
+        step = (state.global_step // self.steps_per_batch if state is not None else len(self.history)) + 1
         start = time.perf_counter()
         texts = [completion_text(c) for c in completions]
         examples = encode_texts(self.tokenizer, texts, self.max_length)
@@ -144,7 +148,10 @@ class InnerRunReward:
         return res.scores, row | {f"proxy/{k}": v for k, v in res.proxy.items()}
 
     def _naive(self, examples: Examples) -> tuple[Tensor, dict[str, float]]:
-        trained = fine_tune(self.target, examples, self.recipe, dtype=self.dtype, device=self.device).params
+        trained, losses = fine_tune(self.target, examples, self.recipe, dtype=self.dtype, device=self.device)
+        bad = [t for t, loss in enumerate(losses, 1) if not math.isfinite(loss)]
+        if bad:
+            raise DpgError(f"the inner training loss is not finite at inner step {bad[0]} (recipe.lr too high?)")
         device = next(iter(trained.values())).device
         everything = {k: p.detach().to(device) for k, p in self.target.named_parameters()} | trained
         with torch.no_grad():

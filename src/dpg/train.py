@@ -148,7 +148,7 @@ def ascii_only(tokenizer) -> list[int]:
     return suppress
 
 
-def build_reward(cfg: TrainConfig, target, target_tok, device, dtype):
+def build_reward(cfg: TrainConfig, target, target_tok, device, dtype, steps_per_batch: int = 1):
     from dpg import baselines, metrics
     from dpg.rewards import InnerRunReward
 
@@ -158,7 +158,7 @@ def build_reward(cfg: TrainConfig, target, target_tok, device, dtype):
         return InnerRunReward(
             r.name, target, target_tok, metric, cfg.recipe, max_length=r.max_length,
             cross_group_batching=r.cross_group_batching, num_generations=cfg.grpo.num_generations,
-            dtype=dtype, device=device,
+            dtype=dtype, device=device, steps_per_batch=steps_per_batch,
         )  # fmt: skip
     targets = list(r.targets) + (read_texts(r.targets_file)[0] if r.targets_file else [])
     if r.name == "levenshtein":
@@ -219,26 +219,28 @@ def run_train(cfg: TrainConfig) -> Path:
     """Train; return the directory of the final generator (a standard HF model directory)."""
     from datasets import Dataset
     from transformers import PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging as hf_logging
     from trl import GRPOTrainer
 
     from dpg.report import GenerationTimer, RunLog
+    from dpg.safety import CheckpointSeal, FiniteGuard, check_run, last_complete_checkpoint
 
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    # Everything that can be checked is checked before any model runs.
+    # Everything that can be checked is checked before any model runs (dpg.safety.check_run).
     train_prompts, _ = load_prompts(cfg.prompts)
     generator, generator_tok = load(cfg.generator, device="cpu")  # TRL / accelerate place it
     generator.train()
     if cfg.prompts.chat and not getattr(generator_tok, "chat_template", None):
         raise DpgError(f"prompts.chat is true but the generator {cfg.generator.model!r} has no chat template")
-    target, target_tok = load(cfg.target, device=device)
-    reward = build_reward(cfg, target, target_tok, device, dtype)
     args = grpo_config(cfg, device, generator_tok)
+    target, target_tok = load(cfg.target, device=device)
+    reward = build_reward(cfg, target, target_tok, device, dtype, steps_per_batch=args.logging_steps)
+    prompts = as_chat(train_prompts, cfg.prompts.chat)
+    check_run(cfg, prompts, generator, generator_tok, target, getattr(reward, "metric", None))
     (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
 
     if cfg.grpo.beta and not Path(generator.config._name_or_path or "").is_dir():
@@ -254,19 +256,20 @@ def run_train(cfg: TrainConfig) -> Path:
         model=generator,
         reward_funcs=[reward],
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": as_chat(train_prompts, cfg.prompts.chat)}),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=generator_tok,
         peft_config=lora_config(cfg.lora),
-        callbacks=[log],
+        callbacks=[log, FiniteGuard(args.logging_steps), CheckpointSeal()],
     )
     trainer.remove_callback(PrinterCallback)  # RunLog prints one readable line per step instead
     hf_logging.disable_progress_bar()  # no bars for writing shards at every checkpoint
-    resume_from = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
+    # A checkpoint counts once sealed: a run killed while writing one resumes from the one before.
+    resume_from = last_complete_checkpoint(out) if cfg.resume else None
     if resume_from:
         print(f"resuming from {resume_from}")
-        log.resume(int(resume_from.rsplit("-", 1)[-1]))
+    log.resume(int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0)  # later rows will be redone
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     final = out / "generator"
     model = trainer.model

@@ -1,0 +1,173 @@
+"""What keeps a run from going wrong, and a stopped run resumable.
+
+Before any compute (`check_run`: dpg train calls it once the models and the metric are
+built, before GRPO starts): every prompt has a token to continue, every sequence fits its
+model's position limit, each inner run has an example per inner step, and the metric gives
+a finite scalar on the target that depends on its weights.
+
+Every step (`FiniteGuard`): the generator's gradient must be finite before its optimizer
+step, and its weights after it; otherwise the run stops with a DpgError naming the step,
+before that step's checkpoint is written. The rewards check Φ, its gradient and the
+metagradients the same way (dpg.rewards). So no checkpoint holds a poisoned generator, and
+the same command resumes from the last one.
+
+Checkpoints (`CheckpointSeal`, `last_complete_checkpoint`): transformers writes a checkpoint
+as a folder of files with no mark of completion, and its `get_last_checkpoint` takes the
+highest-numbered folder, finished or not. Once a save returns, the seal syncs the folder's
+files to disk and then puts `SEAL` in it by an atomic rename; resume takes the last sealed
+folder and skips later unsealed ones (left by a run stopped while writing them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from dpg.errors import DpgError
+
+SEAL = "dpg_complete"  # in a checkpoint folder: every file of it was written and synced
+
+
+def position_limit(model) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: no declared limit)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> None:
+    """Everything about a dpg train run that can fail later, checked now. `prompts` as the
+    trainer gets them (text, or messages for chat); `metric` None for baseline rewards."""
+    if cfg.prompts.chat:
+        encoded = generator_tok.apply_chat_template(
+            prompts, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    else:
+        encoded = generator_tok(text=prompts)  # as TRL tokenizes them
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    if 0 in lengths:
+        raise DpgError(f"prompt {lengths.index(0)} is empty (no token for the generator to continue)")
+    limit, longest = position_limit(generator), max(lengths) + cfg.grpo.max_completion_length
+    if limit is not None and longest > limit:
+        raise DpgError(
+            f"the longest prompt ({max(lengths)} tokens) + grpo.max_completion_length "
+            f"({cfg.grpo.max_completion_length}) = {longest} tokens is over the generator's position limit of {limit}"
+        )
+    if metric is None:
+        return
+    limit = position_limit(target)
+    sizes = {"reward.max_length": cfg.reward.max_length}
+    if cfg.metric.name == "lm_loss":
+        sizes["metric.max_length"] = cfg.metric.max_length
+    for key, value in sizes.items():
+        if limit is not None and value > limit:
+            raise DpgError(f"{key} = {value} is over the target's position limit of {limit} tokens")
+    g = cfg.grpo
+    per_run = g.prompts_per_step * (g.num_generations if cfg.reward.cross_group_batching else 1)
+    if cfg.recipe.batch_size is None and cfg.recipe.steps > per_run:
+        raise DpgError(
+            f"recipe.steps = {cfg.recipe.steps} inner steps need as many completions per inner run, which has {per_run}"
+        )
+    probe_metric(metric, target, cfg.metric.name)
+
+
+def probe_metric(metric, target, name: str) -> float:
+    """Φ at the target's own weights: a finite scalar that depends on them, or a DpgError."""
+    try:
+        with torch.enable_grad():
+            phi = metric(dict(target.named_parameters()))
+    except DpgError:
+        raise
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as err:
+        raise DpgError(f"metric {name!r} does not fit the target: {type(err).__name__}: {err}") from err
+    if not isinstance(phi, torch.Tensor) or phi.numel() != 1:
+        raise DpgError(
+            f"metric {name!r} must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}"
+        )
+    if not torch.isfinite(phi):
+        raise DpgError(f"metric {name!r} is not finite on the target's initial weights: Φ = {phi.item()}")
+    if not phi.requires_grad:
+        raise DpgError(f"metric {name!r} does not depend on any weight of the target")
+    return phi.item()
+
+
+def _not_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one device sync
+    return [n for (n, _), good in zip(named, ok) if not good]
+
+
+class FiniteGuard(TrainerCallback):
+    """Stop the run at the first non-finite generator gradient or weight, naming the step
+    (`per_step` optimizer steps make one generated batch, one step of dpg's log)."""
+
+    def __init__(self, per_step: int):
+        self.per_step = per_step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad = _not_finite([(n, p.grad) for n, p in model.named_parameters() if p.grad is not None])
+        if bad:
+            raise DpgError(
+                f"step {state.global_step // self.per_step + 1}: the generator's gradient is not finite in "
+                f"{bad[:3]} (the GRPO loss was not finite); stopped before the update, no checkpoint has it"
+            )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        bad = _not_finite([(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad])
+        if bad:
+            raise DpgError(
+                f"step {(state.global_step - 1) // self.per_step + 1}: the generator's weights are not finite "
+                f"after its update, in {bad[:3]} (grpo.learning_rate too high?); stopped before any checkpoint has them"
+            )
+
+
+class CheckpointSeal(TrainerCallback):
+    """After TRL has written a checkpoint: sync its files, then seal it (atomic rename)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.is_world_process_zero:  # a folder written over is unsealed until done
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / SEAL).unlink(missing_ok=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        for path in folder.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())  # on disk before the seal says so, even if the machine dies
+        tmp = folder / (SEAL + ".tmp")
+        tmp.write_text(json.dumps({"global_step": state.global_step}))
+        os.replace(tmp, folder / SEAL)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def last_complete_checkpoint(out: Path) -> Path | None:
+    """The sealed checkpoint with the highest step. A later unsealed folder (a run stopped
+    while writing it) is skipped, and written over when the run reaches its step again."""
+    folders = sorted(
+        (
+            (int(m.group(1)), p)
+            for p in Path(out).glob("checkpoint-*")
+            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+        ),
+        reverse=True,
+    )
+    for _, path in folders:
+        if (path / SEAL).is_file():
+            return path
+        print(f"skipping {path}: incomplete (the run stopped while writing it)")
+    return None
