@@ -3,10 +3,12 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpg import DpgError
-from dpg.data import builtin_texts, decode_bytes, encode_texts, read_texts
-from dpg.models import byte_tokenizer
+from dpg.data import builtin_texts, completion_text, decode_bytes, encode_texts, read_texts, valid_unicode
+from dpg.models import byte_tokenizer, bytes_to_unicode
 
 EOT = 256
 
@@ -44,8 +46,9 @@ def test_overlong_text_is_cut_and_overlong_prompt_cut_from_its_start(tok):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "\n\t", "<|endoftext|>", "<|endoftext|><|endoftext|>", decode_bytes(b"\xff\xfe\x80ok"), "é" * 500],
-)
+    ["", "   ", "\n\t", "<|endoftext|>", "<|endoftext|><|endoftext|>", decode_bytes(b"\xff\xfe\x80ok"), "é" * 500,
+     "a\ud800b", "\udfff", "\x00", "<|endoftext|>" * 40],
+)  # fmt: skip
 def test_odd_text_always_gives_a_trainable_example(tok, text):
     ex = encode_texts(tok, [text, "fine"], max_length=32)
     ids, labels = row(ex, 0)
@@ -56,6 +59,13 @@ def test_odd_text_always_gives_a_trainable_example(tok, text):
 
 def test_invalid_utf8_decodes_with_replacement():
     assert decode_bytes(b"a\xffb") == "a\ufffdb"
+
+
+def test_surrogates_pair_into_their_character_or_become_replacement(tok):
+    assert valid_unicode("a\ud800b") == "a\ufffdb" and valid_unicode("\udfff\ud800") == "\ufffd\ufffd"
+    assert valid_unicode("\ud83d\ude00") == "\U0001f600"  # a UTF-16 pair spells one character
+    # U+FFFD is UTF-8 EF BF BD: GPT-2 byte ids 171, 123, 121.
+    assert row(encode_texts(tok, ["a\ud800"], 16), 0)[0] == [EOT, 64, 171, 123, 121, EOT]
 
 
 def test_padding_is_right_and_ragged(tok):
@@ -96,3 +106,59 @@ def test_builtin_texts_are_deterministic_and_varied():
     a, b = builtin_texts(), builtin_texts()
     assert a == b and len(a) == 48 and len(set(a)) == 48
     assert any("!" in t for t in a) and any(not set(t) & set("!\"#$%&'") for t in a)
+
+
+def test_completion_text_of_every_shape():
+    assert completion_text("plain") == "plain"
+    assert completion_text([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": None}]) == "a"
+    assert completion_text({"role": "assistant", "content": None}) == ""
+    with pytest.raises(DpgError, match="cannot read a completion of type int"):
+        completion_text(3)
+
+
+# ---- fuzz: any text, with any prompt, at any limit, gives the layout worked out by hand ----
+
+BYTE_ID = {b: i for i, b in enumerate(bytes_to_unicode())}  # GPT-2's id of each byte
+
+
+def by_hand_unicode(text: str) -> str:
+    """A UTF-16 surrogate pair becomes its character, a lone surrogate U+FFFD."""
+    out, i = [], 0
+    while i < len(text):
+        c = ord(text[i])
+        low = ord(text[i + 1]) if i + 1 < len(text) else 0
+        if 0xD800 <= c < 0xDC00 and 0xDC00 <= low < 0xE000:
+            out.append(chr(0x10000 + ((c - 0xD800) << 10) + (low - 0xDC00)))
+            i += 2
+            continue
+        out.append("\ufffd" if 0xD800 <= c < 0xE000 else text[i])
+        i += 1
+    return "".join(out)
+
+
+def expected_row(text: str, prompt: str, max_length: int) -> tuple[list[int], list[bool]]:
+    """[EOT] prompt text [EOT]: text and EOT cut at the end, the prompt cut at its start."""
+    ids = lambda s: [BYTE_ID[b] for b in by_hand_unicode(s).encode("utf-8")]  # noqa: E731
+    body = (ids(text) + [EOT])[: max_length - 1]
+    room = max_length - 1 - len(body)
+    context = ids(prompt)[-room:] if room else []
+    return [EOT, *context, *body], [False] * (1 + len(context)) + [True] * len(body)
+
+
+ODD = st.sampled_from(["<|endoftext|>", "<|endoftext", " ", "\n", "\t", "é", "\x00", "\ufffd", "\U0001f600", "\ud83d", "\ude00"])  # fmt: skip
+TEXT = (
+    st.text(alphabet=st.characters(exclude_categories=()), max_size=40)  # surrogates included
+    | st.lists(ODD, max_size=8).map("".join)
+    | st.binary(max_size=40).map(decode_bytes)  # invalid UTF-8 from bytes
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=4), max_length=st.integers(2, 40), with_prompts=st.booleans())  # fmt: skip
+def test_fuzz_any_text_gives_the_layout_by_hand(tok, rows, max_length, with_prompts):
+    texts, prompts = [t for t, _ in rows], [p for _, p in rows]
+    ex = encode_texts(tok, texts, max_length, prompts=prompts if with_prompts else None)
+    assert ex.input_ids.shape[1] <= max_length
+    assert int(ex.input_ids.min()) >= 0 and int(ex.input_ids.max()) < len(tok)
+    for i, (text, prompt) in enumerate(rows):
+        assert row(ex, i) == expected_row(text, prompt if with_prompts else "", max_length)

@@ -2,8 +2,8 @@
 
 Every text the target trains or is measured on goes through `encode_texts`: it cannot fail
 on odd generated text (empty, whitespace, invalid UTF-8 decoded with replacement characters,
-only special-token strings, longer than the limit); it truncates and always leaves at least
-one label token, so the engine's loss is defined for every example.
+lone surrogates, only special-token strings, longer than the limit); it truncates and always
+leaves at least one label token, so the engine's loss is defined for every example.
 
 Layout of one example:  [bos] prompt... text... [eos]   labels on text and eos.
 `bos` is the tokenizer's BOS token, else its EOS token (GPT-2 style separator), else none.
@@ -57,7 +57,17 @@ def encode_texts(
 def _tokens(tokenizer, text: str) -> list[int]:
     if not text:
         return []
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return tokenizer(valid_unicode(text), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def valid_unicode(text: str) -> str:
+    """`text` as UTF-8 can hold it: surrogate code points, which Rust tokenizers refuse,
+    are paired into the character they spell or, alone, become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def decode_bytes(data: bytes) -> str:
@@ -164,10 +174,15 @@ def completion_text(completion) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):
-        return "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in completion)
+        return "".join(_content(m) if isinstance(m, dict) else str(m) for m in completion)
     if isinstance(completion, dict):
-        return str(completion.get("content", ""))
+        return _content(completion)
     raise DpgError(f"cannot read a completion of type {type(completion).__name__}")
+
+
+def _content(message: dict) -> str:
+    content = message.get("content")
+    return "" if content is None else str(content)  # a message without text (e.g. a tool call) has None
 
 
 def builtin_prompts(n: int = 64, seed: int = 7) -> list[str]:
