@@ -3,11 +3,18 @@
 from dataclasses import dataclass, field
 
 import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dpg import DpgError, Recipe
 from dpg.attribute import AttributeConfig
 from dpg.check import CheckConfig
-from dpg.config import describe, load_config
+from dpg.config import describe, load_config, to_dict
+from dpg.models import byte_tokenizer
+from dpg.safety import check_settings
+from dpg.train import TrainConfig, grpo_config
 
 
 @dataclass
@@ -48,6 +55,8 @@ def test_partial_section_keeps_the_parents_defaults():
         ("count=true", "count must be an integer"),
         ("flag=1", "flag must be true or false"),
         ("inner.rate=fast", "inner.rate must be a number"),
+        ("inner.rate=.nan", "inner.rate must be a finite number"),
+        ("inner.rate=-1e400", "inner.rate must be a finite number"),
         ("items=a", "items must be a list"),
         ("inner=3", "inner must be a mapping"),
         ("novalue", "not of the form key=value"),
@@ -92,7 +101,72 @@ def test_every_key_is_documented(cls):
 def test_command_line_strings_stay_text():
     cfg = load_config(Outer, None, ["inner.name=Say: {x}", "items=[a, 'b c']", "maybe=null"])
     assert cfg.inner.name == "Say: {x}" and cfg.items == ["a", "b c"] and cfg.maybe is None
-    from dpg.train import TrainConfig
-
     t = load_config(TrainConfig, None, ["prompts.template=Rephrase: {prompt}", "prompts.file=null", "metric.pattern=67"])
     assert t.prompts.template == "Rephrase: {prompt}" and t.prompts.file is None and t.metric.pattern == "67"
+
+
+# ---- fuzz: any overrides or YAML load, or raise DpgError; what loads saves and loads back ----
+
+CLASSES = [TrainConfig, AttributeConfig, CheckConfig]
+KEYS = sorted({key for cls in CLASSES for key, _, _ in describe(cls)})
+NAMES = sorted({part for key in KEYS for part in key.split(".")})
+YAMLISH = ["null", "~", "true", "no", "1", "-1", "0", "1e-4", "1e400", ".nan", "-.inf", "0x1f", "[1, 2]", "[a, b",
+           "{a: 1}", "{a: [", "{[1]: 2}", "!!python/object/apply:os.system [ls]", "2020-01-01", "'q'", "a: b", "- x",
+           "&a x", "*a", "%", "@", "`", "{prompt}", "qr:hi", "=", ".", "", " "]  # fmt: skip
+COMMON = ["0", "1", "2", "8", "-1", "1e-3", "0.5", "true", "false", "null", "[]", "{}", "[1, 2]", "ascii", "sgd",
+          "cosine", "lm_loss", "tiny-llama"]  # fmt: skip
+VALUE = st.one_of(
+    st.sampled_from(COMMON), st.sampled_from(COMMON), st.sampled_from(YAMLISH), st.text(max_size=12),
+    st.integers(-2, 300).map(str), st.floats().map(str),
+)  # fmt: skip
+ODD_KEY = st.sampled_from(NAMES) | st.sampled_from(KEYS).map(lambda k: k + ".x") | st.text(max_size=8)
+KEY = st.one_of(st.sampled_from(KEYS), st.sampled_from(KEYS), st.sampled_from(KEYS), ODD_KEY)  # mostly real keys
+PAIR = st.tuples(KEY, VALUE).map("=".join)
+OVERRIDE = st.one_of(PAIR, PAIR, PAIR, st.text(max_size=12))
+SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.sampled_from(YAMLISH)
+NODE = st.recursive(
+    SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(NAMES) | SCALAR, inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+TOKENIZER = byte_tokenizer()
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_saves_and_loads_back(cls, cfg, folder):
+    """dpg train saves its config as YAML (config.yaml); loading that must give the same config."""
+    path = folder / "saved.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    assert load_config(cls, path) == cfg
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@FUZZ
+@given(cls=st.sampled_from(CLASSES), overrides=st.lists(OVERRIDE, max_size=3))
+def test_fuzz_overrides_load_or_raise_dpg_error(folder, cls, overrides):
+    try:
+        cfg = load_config(cls, None, overrides)
+    except DpgError:
+        return
+    assert_saves_and_loads_back(cls, cfg, folder)
+    if cls is TrainConfig:  # dpg train's first checks and TRL's settings: accepted, or a DpgError
+        try:
+            check_settings(cfg)
+            grpo_config(cfg, torch.device("cpu"), TOKENIZER)
+        except DpgError:
+            pass
+
+
+@FUZZ
+@given(cls=st.sampled_from(CLASSES), doc=st.dictionaries(st.sampled_from(NAMES) | SCALAR, NODE, max_size=5))
+def test_fuzz_yaml_files_load_or_raise_dpg_error(folder, cls, doc):
+    path = folder / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    try:
+        cfg = load_config(cls, path)
+    except DpgError:
+        return
+    assert_saves_and_loads_back(cls, cfg, folder)

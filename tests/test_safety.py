@@ -219,14 +219,18 @@ def no_training(monkeypatch):
         (["recipe.steps=20"], "recipe.steps = 20 inner steps need as many completions per inner run, which has 8"),
         (["recipe.steps=5", "reward.name=naive", "reward.cross_group_batching=false"], "which has 4"),
         (["dtype=bfloat16"], "dtype must be float32 or float64"),
+        (["grpo.steps=-1"], "grpo.steps must be at least 1, got -1"),  # transformers would train 3 epochs
+        (["grpo.updates_per_step=0"], "grpo.updates_per_step must be at least 1, got 0"),  # was a ZeroDivisionError
+        (["prompts.heldout=-2"], "prompts.heldout must be at least 0"),
+        (["grpo.temperature=0"], "grpo.temperature must be positive"),
+        (["recipe.lr=.nan"], "recipe.lr must be a finite number"),
     ],
 )  # fmt: skip
 def test_bad_input_fails_before_any_compute(tmp_path, no_training, overrides, message):
     (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "empty_rows.jsonl").write_text("".join(json.dumps({"prompt": "" if i == 3 else f"p{i}"}) + "\n" for i in range(10)))  # fmt: skip
-    cfg = tiny(tmp_path / "out", "grpo.steps=1", *[o.format(tmp=tmp_path) for o in overrides])
     with pytest.raises(DpgError, match=message):
-        run_train(cfg)
+        run_train(tiny(tmp_path / "out", "grpo.steps=1", *[o.format(tmp=tmp_path) for o in overrides]))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -127,14 +128,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise DpgError(f"config key {key} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise DpgError(f"config key {key} must be a number, got {value!r}")
+        if number is None:
+            raise DpgError(f"config key {key} must be a number, got {value!r}")
+        if not math.isfinite(number):  # no setting of dpg means anything at inf or nan
+            raise DpgError(f"config key {key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)  # `pattern=67` on a command line arrives as the integer 67

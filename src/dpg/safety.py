@@ -1,9 +1,10 @@
 """What keeps a run from going wrong, and a stopped run resumable.
 
-Before any compute (`check_run`: dpg train calls it once the models and the metric are
-built, before GRPO starts): every prompt has a token to continue, every sequence fits its
-model's position limit, each inner run has an example per inner step, and the metric gives
-a finite scalar on the target that depends on its weights.
+Before any compute: `check_settings` (first, before anything loads: counts and sizes in
+range) and `check_run` (once the models and the metric are built, before GRPO starts):
+every prompt has a token to continue, every sequence fits its model's position limit, each
+inner run has an example per inner step, and the metric gives a finite scalar on the
+target that depends on its weights.
 
 Every step (`FiniteGuard`): the generator's gradient must be finite before its optimizer
 step, and its weights after it; otherwise the run stops with a DpgError naming the step,
@@ -37,6 +38,25 @@ def position_limit(model) -> int | None:
     """The longest sequence the model's position embeddings allow (None: no declared limit)."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_settings(cfg) -> None:
+    """Counts and sizes in range, before anything loads: out of range they crash mid-run or,
+    worse, do something else (a negative grpo.steps would train transformers' default 3 epochs)."""
+    g = cfg.grpo
+    least = {
+        "grpo.steps": (g.steps, 1), "grpo.prompts_per_step": (g.prompts_per_step, 1),
+        "grpo.num_generations": (g.num_generations, 1), "grpo.max_completion_length": (g.max_completion_length, 1),
+        "grpo.updates_per_step": (g.updates_per_step, 1), "grpo.num_iterations": (g.num_iterations, 1),
+        "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
+        "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
+        "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
+    }  # fmt: skip
+    for key, (value, low) in least.items():
+        if value is not None and value < low:
+            raise DpgError(f"{key} must be at least {low}, got {value}")
+    if g.temperature <= 0:
+        raise DpgError(f"grpo.temperature must be positive, got {g.temperature}")
 
 
 def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> None:

@@ -223,8 +223,9 @@ def run_train(cfg: TrainConfig) -> Path:
     from trl import GRPOTrainer
 
     from dpg.report import GenerationTimer, RunLog
-    from dpg.safety import CheckpointSeal, FiniteGuard, check_run, last_complete_checkpoint
+    from dpg.safety import CheckpointSeal, FiniteGuard, check_run, check_settings, last_complete_checkpoint
 
+    check_settings(cfg)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
