@@ -1,12 +1,21 @@
 """Load a generator or target model and its tokenizer from one string.
 
     spec = "tiny-gpt2" | "tiny-llama"          offline presets: random weights from a fixed seed
+         | "gpt2-faithful"                      the paper's target: GPT-2 small, untied head, random weights
          | "./dir" | "/abs/dir"                 a local Hugging Face checkpoint
          | "path/model.gguf"                    a GGUF file (transformers de-quantizes it)
          | "org/name"                           a Hugging Face hub id (online, or in the cache)
 
-The presets need no downloaded file: they share a byte-level tokenizer whose 256 byte tokens
-carry GPT-2's ids, so token ids mean the same thing as in GPT-2's vocabulary.
+The tiny presets need no downloaded file: they share a byte-level tokenizer whose 256 byte
+tokens carry GPT-2's ids, so token ids mean the same thing as in GPT-2's vocabulary.
+
+gpt2-faithful is GPT-2 small (transformers' GPT2Config defaults: 12 layers, 12 heads, 768
+wide, 1,024 positions, 50,257 tokens) with a separate LM head, as the paper's target, and
+GPT-2's own BPE tokenizer, read from the directory holding its vocab.json and merges.txt
+given by `tokenizer=` or $DPG_GPT2_TOKENIZER, else from the hub id "gpt2".
+
+`tokenizer=` (ModelConfig.tokenizer) replaces any model's own tokenizer by another one (a
+directory or hub id) whose vocabulary fits the model's embedding.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
+    GPT2TokenizerFast,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -68,28 +78,64 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT)
 
 
-# Presets: name -> () -> (config, tokenizer). Untied LM heads by default, like the paper's
-# target (GPT-2 with a separately trained head). Small enough for CPU tests in seconds.
+# Presets with random weights: name -> (config, tokenizer) builders. Untied LM heads by default,
+# like the paper's target (GPT-2 with a separately trained head). The tiny ones run CPU tests in seconds.
 _SPECIAL = dict(bos_token_id=256, eos_token_id=256, pad_token_id=256)
 
 
-def _tiny_gpt2() -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
-    config = GPT2Config(vocab_size=257, n_positions=256, n_embd=64, n_layer=2, n_head=4, tie_word_embeddings=False, **_SPECIAL)
-    return config, byte_tokenizer()
+def _tiny_gpt2() -> PretrainedConfig:
+    return GPT2Config(
+        vocab_size=257, n_positions=256, n_embd=64, n_layer=2, n_head=4, tie_word_embeddings=False, **_SPECIAL
+    )
 
 
-def _tiny_llama() -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
-    config = LlamaConfig(
+def _tiny_llama() -> PretrainedConfig:
+    return LlamaConfig(
         vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, as in current Llama-family models
         max_position_embeddings=256, tie_word_embeddings=False, **_SPECIAL,
     )  # fmt: skip
-    return config, byte_tokenizer()
 
 
-_PRESETS: dict[str, Callable[[], tuple[PretrainedConfig, PreTrainedTokenizerBase]]] = {
-    "tiny-gpt2": _tiny_gpt2,
-    "tiny-llama": _tiny_llama,
+def _gpt2_faithful() -> PretrainedConfig:
+    # GPT2Config's defaults are GPT-2 small (124M parameters with a tied head, 163M untied).
+    return GPT2Config(tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerBase:
+    """GPT-2's tokenizer from the directory $DPG_GPT2_TOKENIZER (vocab.json, merges.txt), else hub id gpt2."""
+    source = os.environ.get("DPG_GPT2_TOKENIZER") or "gpt2"
+    try:
+        return load_tokenizer(source)
+    except DpgError as e:
+        raise DpgError(
+            f"gpt2-faithful needs GPT-2's tokenizer ({e}). Offline, give the directory that holds GPT-2's "
+            "vocab.json and merges.txt as tokenizer=DIR (ModelConfig.tokenizer, e.g. target.tokenizer=DIR) "
+            "or in the environment variable DPG_GPT2_TOKENIZER"
+        ) from e
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from a directory or hub id. A directory with only GPT-2's two files, vocab.json
+    and merges.txt, gives GPT-2's byte-level BPE with <|endoftext|> as bos, eos and pad."""
+    path = Path(source).expanduser()
+    vocab, merges = path / "vocab.json", path / "merges.txt"
+    if vocab.is_file() and merges.is_file() and not (path / "tokenizer_config.json").exists():
+        # transformers 5 reads vocab=/merges= paths; vocab_file= would silently build an empty tokenizer.
+        specials = dict(bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT)
+        return GPT2TokenizerFast(vocab=str(vocab), merges=str(merges), **specials)
+    if _looks_like_path(source) and not path.exists():
+        raise DpgError(f"tokenizer not found: {source} (no such directory)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise DpgError(f"could not load a tokenizer from {source!r}: {_first_line(e)}") from e
+
+
+_PRESETS: dict[str, tuple[Callable[[], PretrainedConfig], Callable[[], PreTrainedTokenizerBase]]] = {
+    "tiny-gpt2": (_tiny_gpt2, byte_tokenizer),
+    "tiny-llama": (_tiny_llama, byte_tokenizer),
+    "gpt2-faithful": (_gpt2_faithful, gpt2_tokenizer),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
 
@@ -98,16 +144,18 @@ PRESETS: tuple[str, ...] = tuple(_PRESETS)
 class ModelConfig:
     """Which model to load (a generator or a target)."""
 
-    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama), local directory, .gguf file or HF hub id
-    seed: int = 0  # presets: seed of the random initialisation
-    tie_word_embeddings: bool | None = None  # presets: tie the LM head to the input embeddings
+    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama, gpt2-faithful), local directory, .gguf file or HF hub id
+    seed: int = 0  # random presets (tiny-*, gpt2-faithful): seed of the random initialisation
+    tie_word_embeddings: bool | None = None  # random presets: tie the LM head to the input embeddings
+    tokenizer: str | None = None  # replacement tokenizer: dir or hub id (gpt2-faithful default: $DPG_GPT2_TOKENIZER)
 
 
 def load(config: ModelConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """load_model for a ModelConfig."""
     return load_model(
-        config.model, dtype=dtype, device=device, seed=config.seed, tie_word_embeddings=config.tie_word_embeddings
-    )
+        config.model, dtype=dtype, device=device, seed=config.seed,
+        tie_word_embeddings=config.tie_word_embeddings, tokenizer=config.tokenizer,
+    )  # fmt: skip
 
 
 def load_model(
@@ -117,30 +165,36 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     tie_word_embeddings: bool | None = None,
+    tokenizer: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for `spec`: model in eval mode, on `device` in `dtype`, with SDPA
     attention where supported; the tokenizer has a pad token and fits the model's vocabulary.
 
-    `seed` fixes a preset's random weights; `tie_word_embeddings` overrides a preset's tying
-    (for a loaded model it may only restate what the checkpoint has). The caller's CPU RNG
-    state is left as it was.
+    `seed` fixes a random preset's weights; `tie_word_embeddings` overrides a random preset's
+    tying (for pretrained weights it may only restate what they have). `tokenizer` (a
+    directory or hub id) replaces the model's own tokenizer. The caller's CPU RNG state is
+    left as it was.
     """
     # Only the CPU generator is forked and seeded: every model is built or loaded on the CPU,
     # and torch.manual_seed would also reseed every CUDA device, which fork_rng(devices=[])
     # would not restore (forking all devices instead would open a context on each GPU).
     with torch.random.fork_rng(devices=[]):
         if spec in _PRESETS:
-            config, tokenizer = _PRESETS[spec]()
+            make_config, make_tokenizer = _PRESETS[spec]
+            tok = make_tokenizer() if tokenizer is None else load_tokenizer(tokenizer)  # fails before the model
+            config = make_config()
             if tie_word_embeddings is not None:
                 config.tie_word_embeddings = tie_word_embeddings
             torch.default_generator.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
         else:
-            model, tokenizer = _load_pretrained(spec, dtype)
+            model, tok = _load_pretrained(spec, dtype)
+            tok = tok if tokenizer is None else load_tokenizer(tokenizer)
             if tie_word_embeddings is not None and tie_word_embeddings != _is_tied(model):
                 raise DpgError(
                     f"tie_word_embeddings={tie_word_embeddings} was given for {spec!r}, whose LM head is "
-                    f"{'tied' if _is_tied(model) else 'untied'}; tying can only be chosen for presets {PRESETS}"
+                    f"{'tied' if _is_tied(model) else 'untied'}; tying can only be chosen for the presets "
+                    f"with random weights {tuple(_PRESETS)}"
                 )
     model = model.to(device=device, dtype=dtype).eval()
     try:
@@ -148,17 +202,18 @@ def load_model(
     except (ValueError, ImportError, NotImplementedError):
         pass  # architectures without an SDPA path keep their default attention
 
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
+    if tok.pad_token is None:
+        if tok.eos_token is None:
             raise DpgError(f"tokenizer of {spec!r} has neither a pad nor an eos token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
+        tok.pad_token = tok.eos_token
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
+    if len(tok) > rows:
         raise DpgError(
-            f"tokenizer and model vocabularies do not match for {spec!r}: "
-            f"the tokenizer has {len(tokenizer)} tokens, the model embeds {rows}"
+            f"tokenizer and model vocabularies do not match for {spec!r}"
+            + (f" with tokenizer {tokenizer!r}" if tokenizer else "")
+            + f": the tokenizer has {len(tok)} tokens, the model embeds {rows}"
         )
-    return model, tokenizer
+    return model, tok
 
 
 def _is_tied(model: PreTrainedModel) -> bool:
@@ -193,8 +248,11 @@ def _load_pretrained(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, NotImplementedError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if path.exists():
-            raise DpgError(f"could not load model from {spec}: {first}") from e
-        raise DpgError(f"model {spec!r} could not be found locally or on the Hugging Face hub: {first}") from e
+            raise DpgError(f"could not load model from {spec}: {_first_line(e)}") from e
+        raise DpgError(f"model {spec!r} could not be found locally or on the Hugging Face hub: {_first_line(e)}") from e
     return model, tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
