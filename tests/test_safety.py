@@ -60,15 +60,16 @@ def test_sigkill_mid_run_then_the_same_command_ends_where_an_uninterrupted_run_e
     command = [sys.executable, "-m", "dpg.cli", "train", str(config)]
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the reference's thread count
 
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoint-1" / SEAL).exists():  # checkpoint 1 is complete: step 2 is under way
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    log = tmp_path / "killed.log"
+    with log.open("wb") as sink:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-1" / SEAL).exists():  # checkpoint 1 is complete: step 2 is under way
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "generator").exists() and not (out / "checkpoint-3").exists()
 
