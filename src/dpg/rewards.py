@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dpg.data import completion_text, encode_texts
@@ -53,11 +54,26 @@ def select(examples: Examples, idx: Tensor) -> Examples:
     return Examples(*(x[idx] for x in examples))
 
 
-def standardize(raw: Tensor) -> Tensor:
-    """(r − mean)/std over the batch; all-equal rewards give all zeros (no signal, honestly)."""
-    centred = raw - raw.mean()
-    std = centred.square().mean().sqrt()
+def standardize(raw: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """(r − mean)/std over the batch; all-equal rewards give all zeros (no signal, honestly).
+    With a process group, mean and std are those of the whole batch across the ranks."""
+    moments = torch.stack([raw.new_tensor(float(len(raw))), raw.sum()])
+    if group is not None:
+        dist.all_reduce(moments, group=group)
+    centred = raw - moments[1] / moments[0]
+    spread = torch.stack([centred.square().sum()])
+    if group is not None:
+        dist.all_reduce(spread, group=group)
+    std = (spread[0] / moments[0]).sqrt()
     return centred / std if std > 0 else centred
+
+
+def data_parallel_group() -> dist.ProcessGroup | None:
+    """The default process group when this process is one of several (accelerate launch,
+    torchrun), else None. Inner runs then train on the union of the ranks' completions."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
 
 
 class InnerRunReward:
@@ -93,7 +109,11 @@ class InnerRunReward:
             )
         self.__name__ = kind  # TRL names the reward's logs after it
         self.target, self.tokenizer, self.metric, self.recipe = target, tokenizer, metric, recipe
-        self.max_length, self.cross_group_batching, self.num_generations = max_length, cross_group_batching, num_generations
+        self.max_length, self.cross_group_batching, self.num_generations = (
+            max_length,
+            cross_group_batching,
+            num_generations,
+        )
         self.dtype, self.device, self.offload = dtype, device, offload
         self.steps_per_batch = steps_per_batch  # optimizer steps per generated batch: errors name dpg's step
         self.history: list[dict[str, Any]] = []  # one row of figures per call (generated batch)
@@ -107,20 +127,26 @@ class InnerRunReward:
         texts = [completion_text(c) for c in completions]
         examples = encode_texts(self.tokenizer, texts, self.max_length)
         n = len(texts)
+        group = data_parallel_group()
+        if group is not None and not self.cross_group_batching:
+            raise DpgError(
+                "inverse groups (reward.cross_group_batching: false, and so the naive reward) run on one "
+                "process only for now; on several GPUs use the metagrad reward with cross-group batching"
+            )
         groups = [torch.arange(n)] if self.cross_group_batching else inverse_groups(n, self.num_generations)
         raw = torch.empty(n, dtype=torch.float64)
         figures: list[dict[str, float]] = []
         score = self._metagrad if self.__name__ == "metagrad" else self._naive
         for idx in groups:
             try:
-                raw[idx], row = score(select(examples, idx))
+                raw[idx], row = score(select(examples, idx), group)
             except DpgError as err:
                 raise DpgError(f"step {step}: the {self.__name__} reward failed: {err}") from err
             figures.append(row)
         if not torch.isfinite(raw).all():
             bad = (~torch.isfinite(raw)).nonzero().flatten().tolist()
             raise DpgError(f"step {step}: the {self.__name__} reward is not finite for completions {bad[:5]}")
-        rewards = standardize(raw)
+        rewards = standardize(raw, group)
         row = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}  # mean over inner runs
         row |= {
             "step": step,
@@ -139,16 +165,18 @@ class InnerRunReward:
                 log(f"dpg/{key}", row[key])
         return rewards.tolist()
 
-    def _metagrad(self, examples: Examples) -> tuple[Tensor, dict[str, float]]:
+    def _metagrad(self, examples: Examples, group: dist.ProcessGroup | None) -> tuple[Tensor, dict[str, float]]:
         res = example_metagrads(
             self.target, examples, self.recipe, self.metric, dtype=self.dtype, device=self.device,
-            offload=self.offload, on_trained=self._decode,
+            offload=self.offload, on_trained=self._decode, group=group,
         )  # fmt: skip
         row = {"phi": res.metric, "phi_before": res.metric_before, "engine_seconds": res.timings["total"]}
         return res.scores, row | {f"proxy/{k}": v for k, v in res.proxy.items()}
 
-    def _naive(self, examples: Examples) -> tuple[Tensor, dict[str, float]]:
-        trained, losses = fine_tune(self.target, examples, self.recipe, dtype=self.dtype, device=self.device)
+    def _naive(self, examples: Examples, group: dist.ProcessGroup | None) -> tuple[Tensor, dict[str, float]]:
+        trained, losses = fine_tune(
+            self.target, examples, self.recipe, dtype=self.dtype, device=self.device, group=group
+        )
         bad = [t for t, loss in enumerate(losses, 1) if not math.isfinite(loss)]
         if bad:
             raise DpgError(f"the inner training loss is not finite at inner step {bad[0]} (recipe.lr too high?)")
@@ -160,7 +188,9 @@ class InnerRunReward:
             raise DpgError(f"the metric is not finite after the inner run (Φ = {phi.item()})")
         self._decode(everything)
         proxy_fn = getattr(self.metric, "proxy", None)
-        row = {"phi": phi.item()} | ({f"proxy/{k}": v for k, v in proxy_fn(everything).items()} if callable(proxy_fn) else {})
+        row = {"phi": phi.item()} | (
+            {f"proxy/{k}": v for k, v in proxy_fn(everything).items()} if callable(proxy_fn) else {}
+        )
         return torch.full((len(examples.input_ids),), phi.item(), dtype=torch.float64), row
 
     def _decode(self, params: dict[str, Tensor]) -> None:

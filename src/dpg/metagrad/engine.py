@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -140,6 +141,7 @@ def example_metagrads(
     offload: str = "cpu",
     progress: bool = False,
     on_trained: Callable[[Params], None] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> MetagradResult:
     """Exact dΦ/dw_i for every example after the inner run `recipe` on `examples`.
 
@@ -150,6 +152,13 @@ def example_metagrads(
     step's saved state waits for the reverse sweep: "cpu" (default), "disk" or "device".
     `on_trained`, if given, sees every parameter at θ_M (for logging, e.g. drawing the
     pattern the head now holds) before the reverse sweep.
+
+    `group` (a torch.distributed process group, e.g. `dist.group.WORLD`): data-parallel.
+    Every rank passes its own share of the examples (and weights); inner step t trains on
+    the union of the ranks' batch t, with the batch gradient and the Hessian-vector
+    products all-reduced, so θ_t, Φ and every score equal those of one process holding all
+    the examples (up to the order of floating-point sums). Each rank gets its own
+    examples' scores. Every rank must call with the same model, recipe and metric.
     """
     start = time.perf_counter()
     device = _resolve_device(model, device)
@@ -159,10 +168,12 @@ def example_metagrads(
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
     with prepared(model, dtype, device) as target:
-        plan = plan_steps(examples, weights, recipe, device, dtype)
+        plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
         total = 2 * sum(len(s.microbatches) for s in plan)
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
-            result = _metagrads(target, plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights), on_trained)
+            result = _metagrads(
+                target, plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights), on_trained, group
+            )
     timings["total"] = time.perf_counter() - start
     result.timings = timings
     result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -171,7 +182,7 @@ def example_metagrads(
 
 def _metagrads(
     target: Target, plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore, bar: tqdm,
-    timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None,
+    timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None, group: dist.ProcessGroup | None,
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
     try:
@@ -181,14 +192,14 @@ def _metagrads(
             phi0, support = _metric_probe(metric, target)
         head_only = len(plan) == 1 and _head_only(target, support)
         with _phase(timings, "train", device):
-            params, losses = _inner_run(target, opt, plan, bar, store, stash_hidden=head_only)
+            params, losses = _inner_run(target, opt, plan, bar, store, stash_hidden=head_only, group=group)
         with _phase(timings, "metric", device):
             phi, adj, proxy = _metric_value_and_grad(metric, target, params)
         if on_trained is not None:
             on_trained({**target.frozen, **params})
         del params
         with _phase(timings, "reverse", device):
-            scores = _reverse_sweep(target, opt, plan, store, adj, n, bar)
+            scores = _reverse_sweep(target, opt, plan, store, adj, n, bar, group)
     finally:
         store.close()
     return MetagradResult(scores.cpu(), phi, phi0, proxy, losses)
@@ -208,17 +219,18 @@ def fine_tune(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     progress: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> TrainResult:
-    """The inner run alone (plain fine-tuning, no metagradient): the same steps, same math."""
+    """The inner run alone (plain fine-tuning, no metagradient): the same steps, same math,
+    data-parallel over `group` as in `example_metagrads`."""
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
     with prepared(model, dtype, device) as target:
-        plan = plan_steps(examples, weights, recipe, device, dtype)
+        plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
         total = sum(len(s.microbatches) for s in plan)
         with tqdm(total=total, disable=not progress, desc="train", unit="mb") as bar:
-            params, losses = _inner_run(target, recipe.optimizer_record(), plan, bar, None)
+            params, losses = _inner_run(target, recipe.optimizer_record(), plan, bar, None, group=group)
     return TrainResult(params, losses)
-
 
 
 class Step(NamedTuple):
@@ -226,7 +238,9 @@ class Step(NamedTuple):
     microbatches: list[Microbatch]
 
 
-def plan_steps(examples: Examples, weights: Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> list[Step]:
+def plan_steps(
+    examples: Examples, weights: Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype
+) -> list[Step]:
     """Which examples each inner step trains on, cut into microbatches.
 
     Without `batch_size` the N examples are split in order into M contiguous batches (sizes
@@ -268,12 +282,13 @@ def _inner_run(
     bar: tqdm,
     store: StepStore | None,
     stash_hidden: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[Params, list[float]]:
     """The M inner steps. With a store, save what each step's adjoint will need."""
     params, state = target.params, optim.init(opt, target.params)
     losses = []
     for t, step in enumerate(plan, 1):
-        grads, loss, hidden = _batch_grad(target, params, step, bar, stash_hidden and t == 1)
+        grads, loss, hidden = _batch_grad(target, params, step, bar, stash_hidden and t == 1, group)
         new_params, new_state = optim.step(opt, params, state, grads)
         if store is not None:
             record = {"theta": params} if t > 1 else {}  # θ_0 is target.params, always at hand
@@ -288,17 +303,22 @@ def _inner_run(
 
 
 def _batch_grad(
-    target: Target, params: Params, step: Step, bar: tqdm, stash_hidden: bool
+    target: Target, params: Params, step: Step, bar: tqdm, stash_hidden: bool, group: dist.ProcessGroup | None
 ) -> tuple[Params, float, dict[str, Tensor]]:
-    total, loss, stash = None, 0.0, {}
+    total, loss, stash = None, torch.zeros((), dtype=torch.float64), {}
     for j, mb in enumerate(step.microbatches):
         grads, ex_losses, hidden = batch_loss_grad(target, params, mb, step.size)
         total = grads if total is None else {k: total[k].add_(grads[k]) for k in total}
-        loss += float((mb.weights * ex_losses).sum()) / step.size
+        loss += (mb.weights * ex_losses).sum().double().cpu() / step.size
         if stash_hidden:
             stash[str(j)] = hidden
         bar.update(1)
-    return total, loss, stash
+    if total is None:  # this rank holds no example of this step
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+    if group is not None:
+        total = _all_reduce(total | {"\0loss": loss.to(next(iter(total.values())))}, group)
+        loss = total.pop("\0loss").double().cpu()
+    return total, float(loss), stash
 
 
 def _metric_probe(metric: Metric, target: Target) -> tuple[float, set[str]]:
@@ -344,8 +364,9 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
 
 
 def _reverse_sweep(
-    target: Target, opt: optim.Optimizer, plan: list[Step], store: StepStore, adj: Params, n: int, bar: tqdm
-) -> Tensor:
+    target: Target, opt: optim.Optimizer, plan: list[Step], store: StepStore, adj: Params, n: int, bar: tqdm,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:  # fmt: skip
     scores = torch.zeros(n, dtype=torch.float64, device=next(iter(adj.values())).device)
     adj_state = None
     for t in range(len(plan), 0, -1):
@@ -370,9 +391,43 @@ def _reverse_sweep(
             hv_sum = hv if hv_sum is None else {k: hv_sum[k] + hv[k] for k in hv_sum}
             scores.index_add_(0, mb.index, dl.double() / step.size)
             bar.update(1)
+        if hv_sum is None:  # this rank holds no example of this step
+            hv_sum = {k: torch.zeros_like(p) for k, p in theta.items()}
+        if group is not None:
+            hv_sum = _all_reduce(hv_sum, group)
         adj = {k: (hv_sum[k] + adj_direct[k]) if k in adj_direct else hv_sum[k] for k in hv_sum}
         del hv_sum, adj_direct, gamma, theta, record
     return scores
+
+
+def _global_sizes(plan: list[Step], group: dist.ProcessGroup | None, device: torch.device) -> list[Step]:
+    """Data-parallel: |B_t| is the size of the union of the ranks' batch t."""
+    if group is None:
+        return plan
+    sizes = torch.tensor([s.size for s in plan], dtype=torch.long, device=_comm_device(group, device))
+    dist.all_reduce(sizes, group=group)
+    return [Step(int(size), s.microbatches) for size, s in zip(sizes.tolist(), plan)]
+
+
+def _comm_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _all_reduce(tensors: Params, group: dist.ProcessGroup) -> Params:
+    """Sum a dict of tensors over the group, as one flat buffer (one collective)."""
+    keys = list(tensors)
+    first = tensors[keys[0]]
+    flat = torch.cat([tensors[k].reshape(-1).to(first.dtype) for k in keys])
+    where = _comm_device(group, first.device)
+    moved = flat.to(where)
+    dist.all_reduce(moved, group=group)
+    flat = moved.to(first.device)
+    out, offset = {}, 0
+    for k in keys:
+        size = tensors[k].numel()
+        out[k] = flat[offset : offset + size].view_as(tensors[k]).to(tensors[k].dtype)
+        offset += size
+    return out
 
 
 def check_inputs(model: nn.Module, examples: Examples, recipe: Recipe, weights: Tensor | None) -> Tensor:
