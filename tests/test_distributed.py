@@ -149,3 +149,25 @@ def test_metagrad_reward_on_two_processes_equals_one(tmp_path):
     want = reward(prompts=["p"] * 8, completions=COMPLETIONS)
     assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-9, atol=1e-12)
     assert "one process only" in torch.load(tmp_path / "naive0.pt")
+
+
+def test_dpg_train_on_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m dpg.cli train`: TRL's data-parallel generator with the
+    data-parallel metagrad reward; one process writes the log, one row per step."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "dpg.cli", "train", "configs/demo.yaml", f"output_dir={tmp_path}", "grpo.steps=2", "grpo.save_every=0",
+        "grpo.prompts_per_step=4", "grpo.num_generations=4", "device=cpu",
+    ]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["phi"] == r["phi"] and r["inner_runs"] == 1 for r in rows)
+    assert (tmp_path / "generator" / "config.json").is_file()

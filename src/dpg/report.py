@@ -46,8 +46,11 @@ class GenerationTimer:
 
 
 class RunLog(TrainerCallback):
-    def __init__(self, out_dir: Path, reward, timer: GenerationTimer, *, total_steps: int, per_step: int, png_every: int):
-        self.out, self.reward, self.timer = Path(out_dir), reward, timer
+    def __init__(
+        self, out_dir: Path, reward, timer: GenerationTimer, *, total_steps: int, per_step: int, png_every: int,
+        enabled: bool = True,
+    ):  # fmt: skip
+        self.out, self.reward, self.timer, self.enabled = Path(out_dir), reward, timer, enabled  # enabled: rank 0
         self.total_steps, self.per_step, self.png_every = total_steps, per_step, png_every
         self.path = self.out / "metrics.jsonl"
         self.last_row: dict[str, Any] = {}
@@ -56,7 +59,7 @@ class RunLog(TrainerCallback):
     def resume(self, global_step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (0: a fresh start): they will
         be redone. A last line cut short by a killed run is dropped too."""
-        if self.path.exists():
+        if self.enabled and self.path.exists():
             rows = [r for r in read_rows(self.path, partial_ok=True) if r["global_step"] <= global_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -66,7 +69,7 @@ class RunLog(TrainerCallback):
         self._clock = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:  # the end-of-training summary has no loss
+        if not self.enabled or not logs or "loss" not in logs:  # the end-of-training summary has no loss
             return
         now = time.perf_counter()
         wall, self._clock = now - self._clock, now
@@ -137,7 +140,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("phi", *sorted({k for r in rows for k in r if k.startswith("proxy/")})) if any(k in r for r in rows)]
+    keys = [
+        k for k in ("phi", *sorted({k for r in rows for k in r if k.startswith("proxy/")})) if any(k in r for r in rows)
+    ]
     if not keys:
         keys = ["trl/reward"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
@@ -163,7 +168,9 @@ def write_report(out_dir: Path, results: list, target_pattern: torch.Tensor | No
     report.mkdir(parents=True, exist_ok=True)
     metrics = Path(out_dir) / "metrics.jsonl"
     if metrics.exists():
-        plot_curves(read_rows(metrics), report / "curve.png", title="during training (inner run on each generated batch)")
+        plot_curves(
+            read_rows(metrics), report / "curve.png", title="during training (inner run on each generated batch)"
+        )
     if target_pattern is not None:
         save_pattern(target_pattern, report / "pattern_target.png")
     for name in ("base", "trained"):

@@ -172,7 +172,9 @@ def build_reward(cfg: TrainConfig, target, target_tok, device, dtype, steps_per_
         if not hasattr(fn, "__name__"):
             raise DpgError(f"reward {r.name!r} needs a __name__ (TRL logs rewards under it)")
         return fn
-    raise DpgError(f"unknown reward {r.name!r}; known: metagrad, naive, levenshtein, language_id, embedding, module:function")
+    raise DpgError(
+        f"unknown reward {r.name!r}; known: metagrad, naive, levenshtein, language_id, embedding, module:function"
+    )
 
 
 def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
@@ -211,12 +213,17 @@ def lora_config(cfg: LoraSettings):
         return None
     from peft import LoraConfig
 
-    modules = cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",")]
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=modules, task_type="CAUSAL_LM")
+    modules = (
+        cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",")]
+    )
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=modules, task_type="CAUSAL_LM"
+    )
 
 
 def run_train(cfg: TrainConfig) -> Path:
     """Train; return the directory of the final generator (a standard HF model directory)."""
+    from accelerate import PartialState
     from datasets import Dataset
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
@@ -227,6 +234,12 @@ def run_train(cfg: TrainConfig) -> Path:
 
     check_settings(cfg)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", local_rank)  # accelerate launch / torchrun: one GPU per process
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    main = rank == 0  # only the first process writes files and prints
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -242,17 +255,21 @@ def run_train(cfg: TrainConfig) -> Path:
     reward = build_reward(cfg, target, target_tok, device, dtype, steps_per_batch=args.logging_steps)
     prompts = as_chat(train_prompts, cfg.prompts.chat)
     check_run(cfg, prompts, generator, generator_tok, target, getattr(reward, "metric", None))
-    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
 
     if cfg.grpo.beta and not Path(generator.config._name_or_path or "").is_dir():
         # TRL loads the KL reference model with from_pretrained(config._name_or_path): give an
         # in-memory generator (a preset) a directory to be loaded from.
         base = out / "base_generator"
-        generator.save_pretrained(base)
-        generator_tok.save_pretrained(base)
+        if main:
+            generator.save_pretrained(base)
+            generator_tok.save_pretrained(base)
+        PartialState().wait_for_everyone()
         generator.config._name_or_path = str(base)
     timer = GenerationTimer(generator)  # TRL reports its own timings only to W&B / MLflow
-    log = RunLog(out, reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps, png_every=cfg.grpo.png_every)
+    log = RunLog(out, reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps, png_every=cfg.grpo.png_every,
+                 enabled=main)  # fmt: skip
     trainer = GRPOTrainer(
         model=generator,
         reward_funcs=[reward],
@@ -266,19 +283,22 @@ def run_train(cfg: TrainConfig) -> Path:
     hf_logging.disable_progress_bar()  # no bars for writing shards at every checkpoint
     # A checkpoint counts once sealed: a run killed while writing one resumes from the one before.
     resume_from = last_complete_checkpoint(out) if cfg.resume else None
-    if resume_from:
+    if resume_from and main:
         print(f"resuming from {resume_from}")
+    PartialState().wait_for_everyone()  # every process has seen the checkpoints before rank 0 trims the log
     log.resume(int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0)  # later rows will be redone
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     final = out / "generator"
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model, loadable without peft
-        model = model.merge_and_unload()
-    model.save_pretrained(final)
-    generator_tok.save_pretrained(final)
-    summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "last": log.last_row}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"generator saved to {final}")
+    if main:
+        model = trainer.model
+        if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model, loadable without peft
+            model = model.merge_and_unload()
+        model.save_pretrained(final)
+        generator_tok.save_pretrained(final)
+        summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "last": log.last_row}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        print(f"generator saved to {final}")
+    PartialState().wait_for_everyone()
     return final
