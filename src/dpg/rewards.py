@@ -57,15 +57,19 @@ def select(examples: Examples, idx: Tensor) -> Examples:
 def standardize(raw: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """(r − mean)/std over the batch; all-equal rewards give all zeros (no signal, honestly).
     With a process group, mean and std are those of the whole batch across the ranks."""
-    moments = torch.stack([raw.new_tensor(float(len(raw))), raw.sum()])
-    if group is not None:
-        dist.all_reduce(moments, group=group)
+    moments = _summed(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]), group)
     centred = raw - moments[1] / moments[0]
-    spread = torch.stack([centred.square().sum()])
-    if group is not None:
-        dist.all_reduce(spread, group=group)
-    std = (spread[0] / moments[0]).sqrt()
+    std = (_summed(centred.square().sum().reshape(1), group)[0] / moments[0]).sqrt()
     return centred / std if std > 0 else centred
+
+
+def _summed(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """t summed over the group (NCCL collectives need the tensor on this process's GPU)."""
+    if group is None:
+        return t
+    moved = t.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend(group) == "nccl" else t.clone()
+    dist.all_reduce(moved, group=group)
+    return moved.to(t.device)
 
 
 def data_parallel_group() -> dist.ProcessGroup | None:

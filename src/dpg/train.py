@@ -237,7 +237,7 @@ def run_train(cfg: TrainConfig) -> Path:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", local_rank)  # accelerate launch / torchrun: one GPU per process
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     main = rank == 0  # only the first process writes files and prints
     out = Path(cfg.output_dir)

@@ -9,7 +9,7 @@ Method (reverse-mode through the inner run, with closed-form optimizer adjoints)
   metric    λ = ∇Φ(θ_M)
   reverse   for t = M..1:  γ_t = adjoint of g_t (optimizer adjoint, elementwise)
                            scores[i] += γ_t·∇l_i(θ_{t−1}) / |B_t|      (forward mode, per microbatch)
-                           λ ← (∂step/∂θ)ᵀλ + ∇²L_t(θ_{t−1})·γ_t         (forward-over-reverse HVP)
+                           λ ← (∂step/∂θ)ᵀλ + ∇²L_t(θ_{t−1})·γ_t         (reverse-over-forward HVP)
 
 Step 1 needs no Hessian term (nothing upstream of θ_0 is wanted), so for M = 1 the reverse
 sweep is a single forward-mode pass, and parameters whose adjoint is zero carry no tangent.
