@@ -1,6 +1,6 @@
 """The target model as the engine sees it: a private copy, a per-example loss, and the
 three differentiation passes the engine needs (gradient, forward-mode scores, and
-forward-over-reverse Hessian-vector products).
+reverse-over-forward Hessian-vector products).
 
 The copy keeps the caller's model untouched: it lives in the engine's dtype and device, in
 eval mode (dropout off: a metagradient through a random dropout mask is not the derivative
