@@ -79,6 +79,15 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
     state = load_model(str(resumed))[0].state_dict()
     for k in reference:
         assert torch.allclose(state[k], reference[k], rtol=1e-5, atol=1e-7), k
+    # Run once more: every step is in the last checkpoint, so nothing is trained again (it
+    # once took a 4th step) and the generator restored from checkpoint 3 is the same.
+    (cut / "generator").rename(cut / "generator_before")
+    again = run_train(tiny(cut, "grpo.steps=3", "grpo.save_every=1"))
+    rows = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+    restored = load_model(str(again))[0].state_dict()
+    for k in reference:
+        assert torch.equal(restored[k], state[k]), k
 
 
 def test_prompts_template_and_heldout(tmp_path):

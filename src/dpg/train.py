@@ -229,7 +229,7 @@ def run_train(cfg: TrainConfig) -> Path:
     from transformers.utils import logging as hf_logging
     from trl import GRPOTrainer
 
-    from dpg.report import GenerationTimer, RunLog
+    from dpg.report import GenerationTimer, RunLog, read_rows
     from dpg.safety import CheckpointSeal, FiniteGuard, check_run, check_settings, last_complete_checkpoint
 
     check_settings(cfg)
@@ -286,9 +286,18 @@ def run_train(cfg: TrainConfig) -> Path:
     if resume_from and main:
         print(f"resuming from {resume_from}")
     PartialState().wait_for_everyone()  # every process has seen the checkpoints before rank 0 trims the log
-    log.resume(int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0)  # later rows will be redone
+    done = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
+    log.resume(done)  # later rows will be redone
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if done >= args.max_steps:
+        # Every step is in the checkpoint (a run that stopped after its last save): training
+        # on would take one step too many, so only the generator is restored and saved.
+        if main:
+            print(f"{resume_from} holds all {cfg.grpo.steps} steps: saving its generator")
+        trainer._load_from_checkpoint(str(resume_from))
+        log.last_row = (read_rows(log.path) or [{}])[-1] if log.path.exists() else {}
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     final = out / "generator"
     if main:
