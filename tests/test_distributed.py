@@ -124,19 +124,19 @@ def _reward_worker(rank, port, out):
                                 dtype=torch.float64)  # fmt: skip
         mine = COMPLETIONS[rank * 4 : rank * 4 + 4]
         torch.save(reward(prompts=["p"] * 4, completions=mine), os.path.join(out, f"{rank}.pt"))
-        naive = InnerRunReward("naive", model, tok, pattern_metric(model, "67"), Recipe(lr=1e-3), max_length=32,
-                               cross_group_batching=False, dtype=torch.float64)  # fmt: skip
-        try:
-            naive(prompts=["p"] * 4, completions=mine)
-        except Exception as err:  # noqa: BLE001 - the message is what the test checks
-            torch.save(str(err), os.path.join(out, f"naive{rank}.pt"))
+        for kind in ("naive", "metagrad"):  # inverse groups: each rank runs every other inner run
+            inverse = InnerRunReward(kind, model, tok, pattern_metric(model, "67"), Recipe(lr=1e-3), max_length=32,
+                                     cross_group_batching=False, num_generations=4, dtype=torch.float64)  # fmt: skip
+            got = inverse(prompts=["p"] * 4, completions=mine)
+            torch.save((got, inverse.history[-1]["inner_runs"]), os.path.join(out, f"{kind}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_metagrad_reward_on_two_processes_equals_one(tmp_path):
     """Each rank rewards its own completions; standardised over the whole batch, the rewards
-    are those of one process rewarding all of them. Inverse groups are refused, clearly."""
+    are those of one process rewarding all of them — with cross-group batching (data-parallel
+    inner run) and with inverse groups (the runs shared out over the ranks), naive included."""
     from dpg.metrics import pattern_metric
     from dpg.models import load_model
     from dpg.rewards import InnerRunReward
@@ -148,7 +148,13 @@ def test_metagrad_reward_on_two_processes_equals_one(tmp_path):
                             dtype=torch.float64)  # fmt: skip
     want = reward(prompts=["p"] * 8, completions=COMPLETIONS)
     assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-9, atol=1e-12)
-    assert "one process only" in torch.load(tmp_path / "naive0.pt")
+    for kind in ("naive", "metagrad"):
+        (a, runs_a), (b, runs_b) = (torch.load(tmp_path / f"{kind}{r}.pt") for r in range(WORLD))
+        single = InnerRunReward(kind, model, tok, pattern_metric(model, "67"), Recipe(lr=1e-3), max_length=32,
+                                cross_group_batching=False, num_generations=4, dtype=torch.float64)  # fmt: skip
+        want = single(prompts=["p"] * 8, completions=COMPLETIONS)
+        assert runs_a == runs_b == 4  # 2 prompts × 4 completions: 4 inverse groups in the whole batch
+        assert torch.allclose(torch.tensor(a + b), torch.tensor(want), rtol=1e-9, atol=1e-12), kind
 
 
 def test_dpg_train_on_two_processes(tmp_path):

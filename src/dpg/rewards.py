@@ -129,33 +129,49 @@ class InnerRunReward:
         step = (state.global_step // self.steps_per_batch if state is not None else len(self.history)) + 1
         start = time.perf_counter()
         texts = [completion_text(c) for c in completions]
+        group = data_parallel_group()
+        mine = slice(0, len(texts))  # this process's completions within the batch
+        if group is not None and not self.cross_group_batching:
+            # Inverse groups across processes: every rank sees the whole batch (TRL hands rank r
+            # the r-th contiguous slice, so the ranks' lists in order are the batch), runs every
+            # world-th inner run on its own, and the raw rewards are summed over the ranks.
+            gathered: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
+            dist.all_gather_object(gathered, texts, group=group)
+            before = sum(len(t) for t in gathered[: dist.get_rank(group)])
+            mine, texts = slice(before, before + len(texts)), [t for part in gathered for t in part]
         examples = encode_texts(self.tokenizer, texts, self.max_length)
         n = len(texts)
-        group = data_parallel_group()
-        if group is not None and not self.cross_group_batching:
-            raise DpgError(
-                "inverse groups (reward.cross_group_batching: false, and so the naive reward) run on one "
-                "process only for now; on several GPUs use the metagrad reward with cross-group batching"
-            )
         groups = [torch.arange(n)] if self.cross_group_batching else inverse_groups(n, self.num_generations)
-        raw = torch.empty(n, dtype=torch.float64)
+        runs, engine_group = list(enumerate(groups)), group  # data-parallel inner runs: the same runs on every rank
+        if group is not None and not self.cross_group_batching:
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            runs, engine_group = runs[rank::world], None  # each rank runs its share of the runs alone
+        raw = torch.zeros(n, dtype=torch.float64)
         figures: list[dict[str, float]] = []
         score = self._metagrad if self.__name__ == "metagrad" else self._naive
-        for idx in groups:
+        for _, idx in runs:
             try:
-                raw[idx], row = score(select(examples, idx), group)
+                raw[idx], row = score(select(examples, idx), engine_group)
             except DpgError as err:
                 raise DpgError(f"step {step}: the {self.__name__} reward failed: {err}") from err
             figures.append(row)
+        if engine_group is None and group is not None:
+            raw = _summed(raw, group)  # each completion was scored by exactly one rank
+            everyone: list[list[dict[str, float]]] = [[] for _ in range(dist.get_world_size(group))]
+            dist.all_gather_object(everyone, figures, group=group)
+            figures = [f for part in everyone for f in part]
         if not torch.isfinite(raw).all():
             bad = (~torch.isfinite(raw)).nonzero().flatten().tolist()
             raise DpgError(f"step {step}: the {self.__name__} reward is not finite for completions {bad[:5]}")
-        rewards = standardize(raw, group)
+        if engine_group is None and group is not None:
+            rewards, raw = standardize(raw)[mine], raw[mine]  # the whole batch is here: standardise, then slice
+        else:
+            rewards = standardize(raw, group)
         row = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}  # mean over inner runs
         row |= {
             "step": step,
             "raw_mean": raw.mean().item(),
-            "raw_std": raw.std().item() if n > 1 else 0.0,
+            "raw_std": raw.std().item() if len(raw) > 1 else 0.0,
             "raw_min": raw.min().item(),
             "raw_max": raw.max().item(),
             "inner_runs": len(groups),
