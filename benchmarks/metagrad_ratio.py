@@ -91,7 +91,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated cases to skip: head,lm_loss,m4_head")
-    ap.add_argument("--m4-micro", type=int, default=128, help="microbatch for M = 4")
+    ap.add_argument("--m4-micro", type=int, default=128, help="microbatch of M = 4's training passes")
+    ap.add_argument("--m4-hvp-micro", type=int, default=64, help="microbatch of M = 4's Hessian-vector products")
     ap.add_argument("--out", default="metagrad_ratio.json")
     args = ap.parse_args()
     shape, device = SHAPES[args.shape], torch.device(args.device)
@@ -142,7 +143,8 @@ def main() -> None:
         holder = {}
 
         def run():
-            holder["res"] = example_metagrads(model, ex, recipe, metric, device=device)
+            hvp = args.m4_hvp_micro if steps > 1 else None
+            holder["res"] = example_metagrads(model, ex, recipe, metric, device=device, hvp_microbatch_size=hvp)
 
         try:
             secs, _ = timed(run, device, args.reps)
@@ -155,6 +157,7 @@ def main() -> None:
         res = holder["res"]
         results[name] = {
             "seconds": secs, "ratio": secs / base, "timings": res.timings, "microbatch": mb_size,
+            "hvp_microbatch": args.m4_hvp_micro if steps > 1 else None,
             "peak_memory_gb": None if res.peak_memory is None else res.peak_memory / 2**30,
         }  # fmt: skip
         report(f"metagradient {name} (M={steps})", secs, secs / base, results[name]["peak_memory_gb"])

@@ -156,6 +156,21 @@ def test_offload_modes_agree():
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_finer_hvp_microbatches_change_nothing(family):
+    """hvp_microbatch_size cuts only the Hessian-vector-product passes; same scores as the
+    unrolled reference."""
+    model = tiny_model(family, False)
+    examples = ragged_examples()
+    recipe = Recipe(lr=1e-2, steps=2, batch_size=4, microbatch_size=4)
+    metric = lm_metric(model)
+    res = example_metagrads(model, examples, recipe, metric, dtype=torch.float64, hvp_microbatch_size=1)
+    ref, _ = unrolled_scores(model, examples, recipe, metric)
+    assert rel_err(res.scores, ref) < (1e-9 if family == "gpt2" else 1e-6)
+    with pytest.raises(DpgError, match="hvp_microbatch_size"):
+        example_metagrads(model, examples, recipe, metric, hvp_microbatch_size=0)
+
+
 @pytest.mark.parametrize("on", ["all", "head"])  # a tangent on every parameter, or on the head alone
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("family,tol", [("gpt2", 1e-9), ("llama", 1e-5)])  # Llama: fp32 RMSNorm

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -142,6 +142,7 @@ def example_metagrads(
     progress: bool = False,
     on_trained: Callable[[Params], None] | None = None,
     group: dist.ProcessGroup | None = None,
+    hvp_microbatch_size: int | None = None,
 ) -> MetagradResult:
     """Exact dΦ/dw_i for every example after the inner run `recipe` on `examples`.
 
@@ -159,6 +160,10 @@ def example_metagrads(
     products all-reduced, so θ_t, Φ and every score equal those of one process holding all
     the examples (up to the order of floating-point sums). Each rank gets its own
     examples' scores. Every rank must call with the same model, recipe and metric.
+
+    `hvp_microbatch_size`: examples per Hessian-vector-product pass (M > 1 only), which holds
+    about twice a training pass's activations; None: `recipe.microbatch_size`. Only memory
+    and speed depend on it, never the result.
     """
     start = time.perf_counter()
     device = _resolve_device(model, device)
@@ -169,11 +174,19 @@ def example_metagrads(
     timings: dict[str, float] = {}
     with prepared(model, dtype, device) as target:
         plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
-        total = 2 * sum(len(s.microbatches) for s in plan)
+        hvp_plan = plan
+        if hvp_microbatch_size is not None and recipe.steps > 1:
+            if hvp_microbatch_size < 1:
+                raise DpgError(f"hvp_microbatch_size must be at least 1, got {hvp_microbatch_size}")
+            finer = replace(recipe, microbatch_size=hvp_microbatch_size)
+            hvp_plan = _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
+        total = sum(len(s.microbatches) for s in plan) + len(plan[0].microbatches)
+        total += sum(len(s.microbatches) for s in hvp_plan[1:])
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
             result = _metagrads(
-                target, plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights), on_trained, group
-            )
+                target, plan, hvp_plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights),
+                on_trained, group,
+            )  # fmt: skip
     timings["total"] = time.perf_counter() - start
     result.timings = timings
     result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -181,7 +194,7 @@ def example_metagrads(
 
 
 def _metagrads(
-    target: Target, plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore, bar: tqdm,
+    target: Target, plan: list[Step], hvp_plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore, bar: tqdm,
     timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None, group: dist.ProcessGroup | None,
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
@@ -199,7 +212,7 @@ def _metagrads(
             on_trained({**target.frozen, **params})
         del params
         with _phase(timings, "reverse", device):
-            scores = _reverse_sweep(target, opt, plan, store, adj, n, bar, group)
+            scores = _reverse_sweep(target, opt, plan, store, adj, n, bar, group, hvp_plan)
     finally:
         store.close()
     return MetagradResult(scores.cpu(), phi, phi0, proxy, losses)
@@ -365,7 +378,7 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
 
 def _reverse_sweep(
     target: Target, opt: optim.Optimizer, plan: list[Step], store: StepStore, adj: Params, n: int, bar: tqdm,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | None = None, hvp_plan: list[Step] | None = None,
 ) -> Tensor:  # fmt: skip
     scores = torch.zeros(n, dtype=torch.float64, device=next(iter(adj.values())).device)
     adj_state = None
@@ -386,7 +399,7 @@ def _reverse_sweep(
                 bar.update(1)
             break
         hv_sum = None
-        for mb in step.microbatches:
+        for mb in (hvp_plan or plan)[t - 1].microbatches:
             hv, dl = hvp_and_tangent_scores(target, theta, gamma, mb, step.size)
             hv_sum = hv if hv_sum is None else {k: hv_sum[k] + hv[k] for k in hv_sum}
             scores.index_add_(0, mb.index, dl.double() / step.size)
