@@ -60,7 +60,9 @@ def test_inverse_group_batching_runs_one_inner_run_per_group(target, monkeypatch
     model, tok, metric = target
     seen = []
     real = rewards.example_metagrads
-    monkeypatch.setattr(rewards, "example_metagrads", lambda m, ex, *a, **k: seen.append(ex.input_ids.shape[0]) or real(m, ex, *a, **k))
+    monkeypatch.setattr(
+        rewards, "example_metagrads", lambda m, ex, *a, **k: seen.append(ex.input_ids.shape[0]) or real(m, ex, *a, **k)
+    )
     reward = InnerRunReward("metagrad", model, tok, metric, Recipe(lr=1e-3), max_length=32, cross_group_batching=False,
                             num_generations=4, dtype=torch.float64)  # fmt: skip
     out = reward(prompts=["p"] * 8, completions=COMPLETIONS)
@@ -143,3 +145,25 @@ def test_non_finite_metagradients_and_inner_losses_stop_the_step(target, monkeyp
                            cross_group_batching=False, num_generations=1, dtype=torch.float32)  # fmt: skip
     with pytest.raises(DpgError, match=r"step 1: the naive reward failed: the inner training loss is not finite at inner step 2"):  # fmt: skip
         naive(prompts=["p"] * 2, completions=["ab", "cd"])
+
+
+def test_hvp_microbatch_size_reaches_the_engine(target, monkeypatch):
+    import dpg.rewards
+
+    model, tok, metric = target
+    seen = {}
+    real = dpg.rewards.example_metagrads
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dpg.rewards, "example_metagrads", spy)
+    recipe = Recipe(lr=1e-3, steps=2, microbatch_size=4)
+    finer = InnerRunReward("metagrad", model, tok, metric, recipe, max_length=32, dtype=torch.float64,
+                           hvp_microbatch_size=1)(prompts=["p"] * 8, completions=COMPLETIONS)  # fmt: skip
+    assert seen["hvp_microbatch_size"] == 1
+    plain = InnerRunReward("metagrad", model, tok, metric, recipe, max_length=32, dtype=torch.float64)(
+        prompts=["p"] * 8, completions=COMPLETIONS
+    )
+    assert torch.allclose(torch.tensor(finer), torch.tensor(plain), rtol=1e-9, atol=1e-12)

@@ -207,6 +207,7 @@ def no_training(monkeypatch):
         (["prompts.file={tmp}/blank.txt"], "holds no examples"),
         (["prompts.file={tmp}/empty_rows.jsonl"], "prompt 3 is empty"),
         (["metric.vocab_offset=300"], "falls outside the LM head, which has 64 hidden dims × 257 vocab ids"),
+        (["reward.hvp_microbatch_size=0"], "reward.hvp_microbatch_size must be at least 1, got 0"),
         (["metric.hidden_offset=60"], "falls outside the LM head"),
         (["metric.name=lm_loss", "metric.texts_file={tmp}/none.txt"], "data file not found"),
         (["metric.name=test_safety:metric_reads_lm_head", "target.tie_word_embeddings=true"],

@@ -103,6 +103,7 @@ class InnerRunReward:
         device: torch.device | str | None = None,
         offload: str = "cpu",
         steps_per_batch: int = 1,
+        hvp_microbatch_size: int | None = None,
     ):
         if kind not in ("metagrad", "naive"):
             raise DpgError(f"an inner-run reward is 'metagrad' or 'naive', got {kind!r}")
@@ -120,6 +121,7 @@ class InnerRunReward:
         )
         self.dtype, self.device, self.offload = dtype, device, offload
         self.steps_per_batch = steps_per_batch  # optimizer steps per generated batch: errors name dpg's step
+        self.hvp_microbatch_size = hvp_microbatch_size  # examples per Hessian-vector-product pass (M > 1)
         self.history: list[dict[str, Any]] = []  # one row of figures per call (generated batch)
         self.decoded: Tensor | None = None  # the pattern the target held after the last inner run
 
@@ -188,7 +190,7 @@ class InnerRunReward:
     def _metagrad(self, examples: Examples, group: dist.ProcessGroup | None) -> tuple[Tensor, dict[str, float]]:
         res = example_metagrads(
             self.target, examples, self.recipe, self.metric, dtype=self.dtype, device=self.device,
-            offload=self.offload, on_trained=self._decode, group=group,
+            offload=self.offload, on_trained=self._decode, group=group, hvp_microbatch_size=self.hvp_microbatch_size,
         )  # fmt: skip
         row = {"phi": res.metric, "phi_before": res.metric_before, "engine_seconds": res.timings["total"]}
         return res.scores, row | {f"proxy/{k}": v for k, v in res.proxy.items()}

@@ -51,6 +51,7 @@ def check_settings(cfg) -> None:
         "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
         "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
         "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
+        "reward.hvp_microbatch_size": (cfg.reward.hvp_microbatch_size, 1),
     }  # fmt: skip
     for key, (value, low) in least.items():
         if value is not None and value < low:

@@ -60,6 +60,7 @@ class RewardConfig:
     targets: list[str] = field(default_factory=list)  # levenshtein / embedding: the target texts
     targets_file: str | None = None  # levenshtein / embedding: more target texts (see prompts.file formats)
     language: str = "de"  # language_id: ISO 639-1 code of the language to reward
+    hvp_microbatch_size: int | None = None  # metagrad, M > 1: examples per HVP pass (none: the recipe's)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def build_reward(cfg: TrainConfig, target, target_tok, device, dtype, steps_per_
         return InnerRunReward(
             r.name, target, target_tok, metric, cfg.recipe, max_length=r.max_length,
             cross_group_batching=r.cross_group_batching, num_generations=cfg.grpo.num_generations,
-            dtype=dtype, device=device, steps_per_batch=steps_per_batch,
+            dtype=dtype, device=device, steps_per_batch=steps_per_batch, hvp_microbatch_size=r.hvp_microbatch_size,
         )  # fmt: skip
     targets = list(r.targets) + (read_texts(r.targets_file)[0] if r.targets_file else [])
     if r.name == "levenshtein":
