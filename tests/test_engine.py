@@ -410,15 +410,15 @@ def test_layer_norm_from_primitives_differentiates_its_tangent_correctly():
     import torch.nn.functional as F
     from torch.func import grad, jvp
 
-    from dpg.metagrad.target import _layer_norm, _LayerNormFromPrimitives
+    from dpg.metagrad.head_ops import LayerNormFromPrimitives, layer_norm
 
     g = torch.Generator().manual_seed(0)
     x, tx = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2))
     w, b, tw = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3))
-    assert rel_err(_layer_norm(x, (6,), w, b), F.layer_norm(x, (6,), w, b)) < 1e-14
+    assert rel_err(layer_norm(x, (6,), w, b), F.layer_norm(x, (6,), w, b)) < 1e-14
 
     def objective(x):
-        with _LayerNormFromPrimitives():
+        with LayerNormFromPrimitives():
             t = jvp(lambda x, w: F.layer_norm(x, (6,), w, b), (x, w), (tx, tw))[1]
         return (t**2).sum()
 

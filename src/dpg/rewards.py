@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from dpg.data import completion_text, encode_texts
 from dpg.errors import DpgError
+from dpg.metagrad.parallel import data_parallel_group, summed
 from dpg.metagrad.engine import Examples, Recipe, example_metagrads, fine_tune
 
 
@@ -57,27 +58,10 @@ def select(examples: Examples, idx: Tensor) -> Examples:
 def standardize(raw: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """(r − mean)/std over the batch; all-equal rewards give all zeros (no signal, honestly).
     With a process group, mean and std are those of the whole batch across the ranks."""
-    moments = _summed(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]), group)
+    moments = summed(torch.stack([raw.new_tensor(float(len(raw))), raw.sum()]), group)
     centred = raw - moments[1] / moments[0]
-    std = (_summed(centred.square().sum().reshape(1), group)[0] / moments[0]).sqrt()
+    std = (summed(centred.square().sum().reshape(1), group)[0] / moments[0]).sqrt()
     return centred / std if std > 0 else centred
-
-
-def _summed(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """t summed over the group (NCCL collectives need the tensor on this process's GPU)."""
-    if group is None:
-        return t
-    moved = t.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend(group) == "nccl" else t.clone()
-    dist.all_reduce(moved, group=group)
-    return moved.to(t.device)
-
-
-def data_parallel_group() -> dist.ProcessGroup | None:
-    """The default process group when this process is one of several (accelerate launch,
-    torchrun), else None. Inner runs then train on the union of the ranks' completions."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
 
 
 class InnerRunReward:
@@ -158,7 +142,7 @@ class InnerRunReward:
                 raise DpgError(f"step {step}: the {self.__name__} reward failed: {err}") from err
             figures.append(row)
         if engine_group is None and group is not None:
-            raw = _summed(raw, group)  # each completion was scored by exactly one rank
+            raw = summed(raw, group)  # each completion was scored by exactly one rank
             everyone: list[list[dict[str, float]]] = [[] for _ in range(dist.get_world_size(group))]
             dist.all_gather_object(everyone, figures, group=group)
             figures = [f for part in everyone for f in part]

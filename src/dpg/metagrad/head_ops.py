@@ -1,0 +1,108 @@
+"""Hand-written pieces of the reverse-over-forward pass (target.hvp_and_tangent_scores).
+
+`HeadTangent`: the LM head's per-token loss tangent and its gradient, written out and
+chunked over label tokens, so no (tokens × vocabulary) tensor outlives one chunk.
+`LayerNormFromPrimitives`: layer_norm in primitive ops, because torch.func differentiates
+layer_norm's tangent wrongly (tests/test_engine.py pins both against references).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LayerNormFromPrimitives(torch.overrides.TorchFunctionMode):
+    """layer_norm written in primitive ops, for reverse-over-forward passes.
+
+    torch.func's gradient of layer_norm's forward-mode tangent is wrong with respect to the
+    input (torch 2.13: grad(jvp(F.layer_norm)) disagrees with finite differences by O(1),
+    while every other op GPT-2 and Llama use agrees to 1e-9); the same function written as
+    mean, variance and rsqrt differentiates correctly. tests/test_engine.py pins this.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm):
+            return layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *_):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    centred = x - mean
+    out = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+class HeadTangent(torch.autograd.Function):
+    """Per label token, the tangent of −log softmax(z)_y with z = W·h + b along (ḣ, Ẇ, ḃ),
+    and its gradient with respect to (h, ḣ, W, b), written out and chunked.
+
+    With p = softmax(z), ż = Ẇ·h + W·ḣ + ḃ and s = p·ż, a token's value is d = s − ż_y, and
+        ∂d/∂z = p ⊙ (ż − s)        ∂d/∂ż = p − e_y.
+    So with A = c·p⊙(ż − s) and B = c·(p − e_y) for the upstream gradient c:
+        h̄ = A·W + B·Ẇ    ḣ̄ = B·W    W̄ = Aᵀ·h + Bᵀ·ḣ    b̄ = Σ A.
+    The tangents Ẇ, ḃ are constants. Only (h, ḣ, W, b) are saved; p is recomputed per chunk
+    in the backward, so memory is one (chunk, V) block at a time.
+    """
+
+    @staticmethod
+    def forward(h, h_dot, weight, bias, t_weight, t_bias, labels, chunk):
+        out = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            p, z_dot = head_chunk(h[sl], None if h_dot is None else h_dot[sl], weight, bias, t_weight, t_bias)
+            y = labels[sl]
+            out[sl] = (p * z_dot).sum(-1) - z_dot.gather(1, y[:, None]).squeeze(1)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *saved, chunk = inputs
+        ctx.save_for_backward(*saved)
+        ctx.chunk = chunk
+
+    @staticmethod
+    def backward(ctx, c):
+        h, h_dot, weight, bias, t_weight, t_bias, labels = ctx.saved_tensors
+        need_h, need_hd, need_w, need_b = ctx.needs_input_grad[:4]
+        gh = torch.zeros_like(h) if need_h else None
+        ghd = torch.zeros_like(h_dot) if need_hd and h_dot is not None else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b and bias is not None else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            hc, hdc, cc, y = h[sl], None if h_dot is None else h_dot[sl], c[sl, None], labels[sl]
+            p, z_dot = head_chunk(hc, hdc, weight, bias, t_weight, t_bias)
+            a = cc * p * (z_dot - (p * z_dot).sum(-1, keepdim=True))  # (c, V)
+            b = cc * p
+            b[torch.arange(len(y), device=y.device), y] -= cc.squeeze(1)
+            if gh is not None:
+                gh[sl] = a @ weight + (b @ t_weight if t_weight is not None else 0)
+            if ghd is not None:
+                ghd[sl] = b @ weight
+            if gw is not None:
+                gw.addmm_(a.T, hc)
+                if hdc is not None:
+                    gw.addmm_(b.T, hdc)
+            if gb is not None:
+                gb += a.sum(0)
+        return gh, ghd, gw, gb, None, None, None, None
+
+
+def head_chunk(h, h_dot, weight, bias, t_weight, t_bias) -> tuple[Tensor, Tensor]:
+    """(p, ż) for a chunk of label tokens: the softmax and the logits' tangent."""
+    p = torch.softmax(F.linear(h, weight, bias), dim=-1)
+    z_dot = torch.zeros_like(p)
+    if t_weight is not None:
+        z_dot += h @ t_weight.T
+    if h_dot is not None:
+        z_dot += h_dot @ weight.T
+    if t_bias is not None:
+        z_dot += t_bias
+    return p, z_dot

@@ -1,0 +1,168 @@
+"""What the engine takes and gives: the inner-training recipe, the examples, the results,
+and the checks every input passes before any compute."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from dpg.errors import DpgError
+from dpg.metagrad import optim
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the target is fine-tuned inside each metagradient (the inner run).
+
+    Defaults are the paper's AdamW for GPT-2 targets. eps_root matters: it makes the first
+    update linear, not sign-like, for gradients below ~√eps_root, which keeps the
+    metagradient well conditioned (see README, "Precision").
+    """
+
+    optimizer: str = "adamw"  # "adamw" (optax form, decoupled weight decay) or "sgd"
+    lr: float = 5e-6  # learning rate
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW: added to √(v̂ + eps_root)
+    eps_root: float = 1e-9  # AdamW: added to v̂ under the square root
+    weight_decay: float = 1e-4  # decoupled (AdamW, scaled by lr) / L2-in-gradient (SGD) weight decay
+    steps: int = 1  # M, inner optimizer steps
+    batch_size: int | None = None  # examples per step; None splits the N examples into M batches
+    microbatch_size: int | None = None  # examples per forward pass; None: the whole batch
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "sgd"):
+            raise DpgError(f"recipe.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.steps < 1:
+            raise DpgError(f"recipe.steps must be at least 1, got {self.steps}")
+        for name in ("batch_size", "microbatch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DpgError(f"recipe.{name} must be at least 1 or null, got {value}")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise DpgError(f"recipe.b1 and recipe.b2 must lie in [0, 1), got {self.b1}, {self.b2}")
+        if self.eps < 0 or self.eps_root < 0 or (self.eps == 0 and self.eps_root == 0 and self.optimizer == "adamw"):
+            raise DpgError("recipe.eps and recipe.eps_root must be ≥ 0 and not both 0")
+
+    def optimizer_record(self) -> optim.Optimizer:
+        if self.optimizer == "sgd":
+            return optim.SGD(self.lr, self.weight_decay)
+        return optim.AdamW(self.lr, self.b1, self.b2, self.eps, self.eps_root, self.weight_decay)
+
+
+class Examples(NamedTuple):
+    input_ids: Tensor  # (N, T) long, right-padded
+    attention_mask: Tensor  # (N, T) 1 on tokens, 0 on padding
+    loss_mask: Tensor  # (N, T) bool: token t is a label (predicted from tokens < t)
+
+
+def make_examples(
+    token_ids: Sequence[Sequence[int]], label_masks: Sequence[Sequence[bool]] | None = None, pad_id: int = 0
+) -> Examples:
+    """Right-pad ragged token lists. Without label masks every token but the first is a label."""
+    if len(token_ids) == 0:
+        raise DpgError("no examples given")
+    n, t = len(token_ids), max(len(x) for x in token_ids)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, t), dtype=torch.long)
+    labels = torch.zeros((n, t), dtype=torch.bool)
+    for i, x in enumerate(token_ids):
+        ids[i, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        attn[i, : len(x)] = 1
+        if label_masks is None:
+            labels[i, 1 : len(x)] = True
+        else:
+            if len(label_masks[i]) != len(x):
+                raise DpgError(f"example {i}: label mask has {len(label_masks[i])} entries for {len(x)} tokens")
+            labels[i, : len(x)] = torch.as_tensor(list(label_masks[i]), dtype=torch.bool)
+    return Examples(ids, attn, labels)
+
+
+@dataclass
+class MetagradResult:
+    scores: Tensor  # (N,) float64 on CPU: dΦ/dw_i, in example order
+    metric: float  # Φ(θ_M)
+    metric_before: float  # Φ(θ_0), before the inner run
+    proxy: dict[str, float] = field(default_factory=dict)  # readable companions of Φ (accuracy, norm, ...)
+    losses: list[float] = field(default_factory=list)  # weighted batch loss L_t at each inner step
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: train, metric, reverse, total
+    peak_memory: int | None = None  # bytes on the CUDA device; None on CPU
+
+
+class TrainResult(NamedTuple):
+    params: Params  # θ_M for the trainable parameters
+    losses: list[float]  # weighted batch loss L_t at each inner step
+
+
+def check_inputs(model: nn.Module, examples: Examples, recipe: Recipe, weights: Tensor | None) -> Tensor:
+    """Validate everything before any compute; return the data weights as a (N,) tensor."""
+    if not isinstance(examples, Examples):
+        raise DpgError(f"examples must be dpg.Examples, got {type(examples).__name__}")
+    ids, attn, labels = examples
+    if ids.dim() != 2 or ids.shape != attn.shape or ids.shape != labels.shape:
+        raise DpgError(
+            f"input_ids, attention_mask and loss_mask must share one (N, T) shape, got "
+            f"{tuple(ids.shape)}, {tuple(attn.shape)}, {tuple(labels.shape)}"
+        )
+    n, width = ids.shape
+    if n == 0 or width == 0:
+        raise DpgError("no examples given (empty input_ids)")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise DpgError(f"input_ids must be integer token ids, got {ids.dtype}")
+    attn, labels = attn.bool(), labels.bool()
+    lengths = attn.sum(1)
+    if (lengths == 0).any():
+        raise DpgError(f"examples {_few(lengths == 0)} are empty (no tokens)")
+    if (attn[:, 1:] & ~attn[:, :-1]).any():
+        raise DpgError("attention_mask must be right-padded: tokens first, padding after")
+    if (labels & ~attn).any():
+        raise DpgError("loss_mask marks padding positions as labels")
+    if labels[:, 0].any():
+        raise DpgError("loss_mask[:, 0] must be False: the first token has nothing before it to predict it")
+    no_label = labels.sum(1) == 0
+    if no_label.any():
+        raise DpgError(f"examples {_few(no_label)} have no label tokens (every token masked out of the loss)")
+    vocab = _vocab_size(model)
+    used = ids[attn]
+    if used.min() < 0 or used.max() >= vocab:
+        bad = int(used.max()) if used.max() >= vocab else int(used.min())
+        raise DpgError(
+            f"token id {bad} is outside the target's vocabulary of {vocab}: were the examples tokenized "
+            "with another model's tokenizer?"
+        )
+    limit = _max_positions(model)
+    if limit is not None and int(lengths.max()) > limit:
+        raise DpgError(f"an example has {int(lengths.max())} tokens, more than the target's limit of {limit}")
+    if recipe.batch_size is None and recipe.steps > n:
+        raise DpgError(f"recipe.steps = {recipe.steps} inner steps need at least that many examples, got {n}")
+    if weights is None:
+        return torch.ones(n, dtype=torch.float64)
+    weights = torch.as_tensor(weights).detach().cpu()
+    if weights.shape != (n,):
+        raise DpgError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all():
+        raise DpgError("weights must be finite")
+    return weights
+
+
+def _few(mask: Tensor) -> str:
+    idx = mask.nonzero().flatten().tolist()
+    return ", ".join(map(str, idx[:5])) + (f" (and {len(idx) - 5} more)" if len(idx) > 5 else "")
+
+
+def _vocab_size(model: nn.Module) -> int:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or not hasattr(emb, "num_embeddings"):
+        raise DpgError("the target must be a causal LM with token embeddings (get_input_embeddings())")
+    return emb.num_embeddings
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
