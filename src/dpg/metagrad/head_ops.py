@@ -1,7 +1,8 @@
 """Hand-written pieces of the reverse-over-forward pass (target.hvp_and_tangent_scores).
 
-`HeadTangent`: the LM head's per-token loss tangent and its gradient, written out and
-chunked over label tokens, so no (tokens × vocabulary) tensor outlives one chunk.
+`token_tangents`: the LM head's per-token loss tangent, written out and chunked over label
+tokens; `HeadTangent`: the same as an autograd function with its gradient written out, so
+no (tokens × vocabulary) tensor outlives one chunk.
 `LayerNormFromPrimitives`: layer_norm in primitive ops, because torch.func differentiates
 layer_norm's tangent wrongly (tests/test_engine.py pins both against references).
 """
@@ -39,6 +40,26 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *_):
     return out if bias is None else out + bias
 
 
+def token_tangents(h, h_dot, weight, bias, t_weight, t_bias, labels, chunk: int = 4096) -> Tensor:
+    """Per label token, the tangent of −log softmax(z)_y, z = W·h + b, along (ḣ, Ẇ, ḃ). (n,)
+
+    Σ_v p_v ż_v − ż_y = h·(Ẇᵀp) + ḣ·(Wᵀp) + ḃ·p − (Ẇ_y·h + W_y·ḣ + ḃ_y): products with p,
+    so no (chunk, V) tangent of the logits is formed. Any of ḣ, Ẇ, ḃ may be None (zero).
+    """
+    out = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        hc, y, d = h[s : s + chunk], labels[s : s + chunk], out[s : s + chunk]
+        p = torch.softmax(F.linear(hc, weight, bias), dim=-1)  # (c, V)
+        if t_weight is not None:
+            d += ((p @ t_weight) * hc).sum(-1) - (t_weight[y] * hc).sum(-1)
+        if h_dot is not None:
+            hd = h_dot[s : s + chunk]
+            d += ((p @ weight) * hd).sum(-1) - (weight[y] * hd).sum(-1)
+        if t_bias is not None:
+            d += p @ t_bias - t_bias[y]
+    return out
+
+
 class HeadTangent(torch.autograd.Function):
     """Per label token, the tangent of −log softmax(z)_y with z = W·h + b along (ḣ, Ẇ, ḃ),
     and its gradient with respect to (h, ḣ, W, b), written out and chunked.
@@ -53,13 +74,7 @@ class HeadTangent(torch.autograd.Function):
 
     @staticmethod
     def forward(h, h_dot, weight, bias, t_weight, t_bias, labels, chunk):
-        out = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            sl = slice(s, s + chunk)
-            p, z_dot = head_chunk(h[sl], None if h_dot is None else h_dot[sl], weight, bias, t_weight, t_bias)
-            y = labels[sl]
-            out[sl] = (p * z_dot).sum(-1) - z_dot.gather(1, y[:, None]).squeeze(1)
-        return out
+        return token_tangents(h, h_dot, weight, bias, t_weight, t_bias, labels, chunk)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -96,7 +111,7 @@ class HeadTangent(torch.autograd.Function):
 
 
 def head_chunk(h, h_dot, weight, bias, t_weight, t_bias) -> tuple[Tensor, Tensor]:
-    """(p, ż) for a chunk of label tokens: the softmax and the logits' tangent."""
+    """(p, ż) for a chunk of label tokens: the softmax and the logits' tangent (backward)."""
     p = torch.softmax(F.linear(h, weight, bias), dim=-1)
     z_dot = torch.zeros_like(p)
     if t_weight is not None:

@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dpg.errors import DpgError
-from dpg.metagrad.head_ops import HeadTangent, LayerNormFromPrimitives
+from dpg.metagrad.head_ops import HeadTangent, LayerNormFromPrimitives, token_tangents
 
 Params = dict[str, Tensor]
 
@@ -220,9 +220,13 @@ def losses_and_hidden(target: Target, params: Params, mb: Microbatch) -> tuple[T
             {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "use_cache": False},
         )
         logits = out.logits[:, :-1].flatten(0, 1).index_select(0, mb.label_pos)
-    tok = F.cross_entropy(logits, mb.labels, reduction="none")  # (n,)
+    return _per_example(F.cross_entropy(logits, mb.labels, reduction="none"), mb), hidden
+
+
+def _per_example(tok: Tensor, mb: Microbatch) -> Tensor:
+    """Per-token values (n,) -> their mean over each example's label tokens. (B,)"""
     sums = torch.zeros(mb.input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, mb.label_row, tok)
-    return sums / mb.label_count, hidden
+    return sums / mb.label_count
 
 
 def example_losses(target: Target, params: Params, mb: Microbatch) -> Tensor:
@@ -257,29 +261,13 @@ def head_tangent_scores(
 ) -> Tensor:
     """γ·∇l_i from the last hidden states h at the label positions (and their tangent ḣ). (B,)
 
-    The head's forward-mode pass written out: with z = W·h + b and ż = Ẇ·h + W·ḣ + ḃ, a
-    token's loss −log softmax(z)_y has tangent Σ_v p_v ż_v − ż_y
-        = h·(Ẇᵀp) + ḣ·(Wᵀp) + ḃ·p − (Ẇ_y·h + W_y·ḣ + ḃ_y).
-    With ḣ = None this is the whole pass for a tangent on an untied head alone (M = 1 head
+    The head's forward-mode pass written out (head_ops.token_tangents). With ḣ = None this is the whole pass for a tangent on an untied head alone (M = 1 head
     metrics, from the training pass's saved h). Chunks bound the (chunk, V) softmax.
     """
     weight, bias = _head(target, params)
     t_weight = tangent.get(target.head)
     t_bias = tangent.get(target.head_bias) if target.head_bias else None
-    dtok = torch.zeros(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
-    for s in range(0, hidden.shape[0], chunk):
-        h, y = hidden[s : s + chunk], mb.labels[s : s + chunk]
-        p = torch.softmax(F.linear(h, weight, bias), dim=-1)  # (c, V)
-        d = dtok[s : s + chunk]
-        if t_weight is not None:
-            d += ((p @ t_weight) * h).sum(-1) - (t_weight[y] * h).sum(-1)
-        if hidden_tangent is not None:
-            h_dot = hidden_tangent[s : s + chunk]
-            d += ((p @ weight) * h_dot).sum(-1) - (weight[y] * h_dot).sum(-1)
-        if t_bias is not None:
-            d += p @ t_bias - t_bias[y]
-    sums = torch.zeros(mb.input_ids.shape[0], dtype=dtok.dtype, device=dtok.device).index_add(0, mb.label_row, dtok)
-    return sums / mb.label_count
+    return _per_example(token_tangents(hidden, hidden_tangent, weight, bias, t_weight, t_bias, mb.labels, chunk), mb)
 
 
 def tangent_scores(target: Target, params: Params, tangent: Params, mb: Microbatch) -> Tensor:
@@ -340,9 +328,7 @@ def hvp_and_tangent_scores(
         else:
             h, h_dot = label_hidden(target, p, mb), None
         weight, bias = _head(target, p)
-        dtok = HeadTangent.apply(h, h_dot, weight, bias, t_weight, t_bias, mb.labels, chunk)
-        dl = torch.zeros(mb.input_ids.shape[0], dtype=dtok.dtype, device=dtok.device).index_add(0, mb.label_row, dtok)
-        dl = dl / mb.label_count
+        dl = _per_example(HeadTangent.apply(h, h_dot, weight, bias, t_weight, t_bias, mb.labels, chunk), mb)
         return (mb.weights * dl).sum() / batch_size, dl
 
     with higher_order(), LayerNormFromPrimitives():
