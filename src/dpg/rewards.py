@@ -117,7 +117,8 @@ class InnerRunReward:
         texts = [completion_text(c) for c in completions]
         group = data_parallel_group()
         mine = slice(0, len(texts))  # this process's completions within the batch
-        if group is not None and not self.cross_group_batching:
+        shared_out = group is not None and not self.cross_group_batching
+        if shared_out:
             # Inverse groups across processes: every rank sees the whole batch (TRL hands rank r
             # the r-th contiguous slice, so the ranks' lists in order are the batch), runs every
             # world-th inner run on its own, and the raw rewards are summed over the ranks.
@@ -128,20 +129,19 @@ class InnerRunReward:
         examples = encode_texts(self.tokenizer, texts, self.max_length)
         n = len(texts)
         groups = [torch.arange(n)] if self.cross_group_batching else inverse_groups(n, self.num_generations)
-        runs, engine_group = list(enumerate(groups)), group  # data-parallel inner runs: the same runs on every rank
-        if group is not None and not self.cross_group_batching:
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-            runs, engine_group = runs[rank::world], None  # each rank runs its share of the runs alone
+        runs, engine_group = groups, group  # data-parallel inner runs: the same runs on every rank
+        if shared_out:  # each rank runs its share of the runs alone
+            runs, engine_group = groups[dist.get_rank(group) :: dist.get_world_size(group)], None
         raw = torch.zeros(n, dtype=torch.float64)
         figures: list[dict[str, float]] = []
         score = self._metagrad if self.__name__ == "metagrad" else self._naive
-        for _, idx in runs:
+        for idx in runs:
             try:
                 raw[idx], row = score(select(examples, idx), engine_group)
             except DpgError as err:
                 raise DpgError(f"step {step}: the {self.__name__} reward failed: {err}") from err
             figures.append(row)
-        if engine_group is None and group is not None:
+        if shared_out:
             raw = summed(raw, group)  # each completion was scored by exactly one rank
             everyone: list[list[dict[str, float]]] = [[] for _ in range(dist.get_world_size(group))]
             dist.all_gather_object(everyone, figures, group=group)
@@ -149,7 +149,7 @@ class InnerRunReward:
         if not torch.isfinite(raw).all():
             bad = (~torch.isfinite(raw)).nonzero().flatten().tolist()
             raise DpgError(f"step {step}: the {self.__name__} reward is not finite for completions {bad[:5]}")
-        if engine_group is None and group is not None:
+        if shared_out:
             rewards, raw = standardize(raw)[mine], raw[mine]  # the whole batch is here: standardise, then slice
         else:
             rewards = standardize(raw, group)
