@@ -66,8 +66,10 @@ def test_cuda_graph_sampler_matches_a_full_forward_pass(family, dtype):
             with torch.no_grad():
                 logits = ref_model(input_ids=torch.tensor([p + c], device="cuda")).logits[0, len(p) - 1 : -1]
             ref = process_logits(logits, s, None).gather(-1, torch.tensor(c, device="cuda")[:, None])[:, 0].cpu()
-            tol = 5e-2 if dtype else 1e-4  # bf16: two kernel paths round differently
             diff = (ref - torch.tensor(lps)).abs()
-            assert diff.max().item() < tol, (round_, len(p), diff.tolist())
+            if dtype is None:
+                assert diff.max().item() < 1e-4, (round_, len(p), diff.tolist())
+            else:  # bf16: prefill and cached decode round differently from one full pass
+                assert diff.mean().item() < 2e-2 and diff.max().item() < 0.2, (round_, len(p), diff.tolist())
         with torch.no_grad():
-            model.lm_head.weight.mul_(1.3)
+            model.lm_head.weight.mul_(3.0)  # a stale bf16 copy would now be far off

@@ -179,3 +179,34 @@ def test_a_decode_dtype_other_than_the_policys_samples_from_a_refreshed_copy():
         with torch.no_grad():
             model.lm_head.weight.mul_(2.0)
     assert next(model.parameters()).dtype == torch.float32  # the policy itself stays as it was
+
+
+def test_grouped_decode_attention_is_hfs_sdpa():
+    """The folded grouped-query decode step equals HF's SDPA path (repeat_kv), masks included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dpg.rollout import grouped_decode_attention
+
+    module = type("Attn", (torch.nn.Module,), {"num_key_value_groups": 3, "is_causal": True})()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, h, n, 16, generator=g) for h, n in ((9, 1), (3, 10), (3, 10)))
+    mask = torch.rand(4, 1, 1, 10, generator=g) > 0.3
+    mask[..., 0] = True
+    ours, _ = grouped_decode_attention(module, q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_a_grouped_query_model_samples_the_right_distribution():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    s = SamplingSettings(max_new_tokens=10)
+    r = Sampler(model, s).sample(_prompts())
+    assert model.config._attn_implementation == "sdpa"  # switched back after sampling
+    for prompt, completion, lps in zip(r.prompt_ids, r.completion_ids, r.logprobs, strict=True):
+        assert torch.allclose(torch.tensor(lps), _reference_logprobs(model, prompt, completion, s), atol=2e-5, rtol=0)

@@ -37,6 +37,7 @@ from dpg.data import completion_text, encode_texts
 from dpg.errors import DpgError
 from dpg.metagrad.parallel import data_parallel_group, summed
 from dpg.metagrad.engine import Examples, Recipe, example_metagrads, fine_tune
+from dpg.metagrad.precision import tf32_matmuls
 
 
 def inverse_groups(n: int, num_generations: int) -> list[Tensor]:
@@ -88,6 +89,7 @@ class InnerRunReward:
         offload: str = "cpu",
         steps_per_batch: int = 1,
         hvp_microbatch_size: int | None = None,
+        tf32: bool = False,
     ):
         if kind not in ("metagrad", "naive"):
             raise DpgError(f"an inner-run reward is 'metagrad' or 'naive', got {kind!r}")
@@ -106,6 +108,7 @@ class InnerRunReward:
         self.dtype, self.device, self.offload = dtype, device, offload
         self.steps_per_batch = steps_per_batch  # optimizer steps per generated batch: errors name dpg's step
         self.hvp_microbatch_size = hvp_microbatch_size  # examples per Hessian-vector-product pass (M > 1)
+        self.tf32 = tf32  # inner runs with TF32 matmuls on CUDA (dpg.metagrad.precision.tf32_matmuls)
         self.history: list[dict[str, Any]] = []  # one row of figures per call (generated batch)
         self.decoded: Tensor | None = None  # the pattern the target held after the last inner run
 
@@ -172,17 +175,20 @@ class InnerRunReward:
         return rewards.tolist()
 
     def _metagrad(self, examples: Examples, group: dist.ProcessGroup | None) -> tuple[Tensor, dict[str, float]]:
-        res = example_metagrads(
-            self.target, examples, self.recipe, self.metric, dtype=self.dtype, device=self.device,
-            offload=self.offload, on_trained=self._decode, group=group, hvp_microbatch_size=self.hvp_microbatch_size,
-        )  # fmt: skip
+        with tf32_matmuls(self.tf32):
+            res = example_metagrads(
+                self.target, examples, self.recipe, self.metric, dtype=self.dtype, device=self.device,
+                offload=self.offload, on_trained=self._decode, group=group,
+                hvp_microbatch_size=self.hvp_microbatch_size,
+            )  # fmt: skip
         row = {"phi": res.metric, "phi_before": res.metric_before, "engine_seconds": res.timings["total"]}
         return res.scores, row | {f"proxy/{k}": v for k, v in res.proxy.items()}
 
     def _naive(self, examples: Examples, group: dist.ProcessGroup | None) -> tuple[Tensor, dict[str, float]]:
-        trained, losses = fine_tune(
-            self.target, examples, self.recipe, dtype=self.dtype, device=self.device, group=group
-        )
+        with tf32_matmuls(self.tf32):
+            trained, losses = fine_tune(
+                self.target, examples, self.recipe, dtype=self.dtype, device=self.device, group=group
+            )
         bad = [t for t, loss in enumerate(losses, 1) if not math.isfinite(loss)]
         if bad:
             raise DpgError(f"the inner training loss is not finite at inner step {bad[0]} (recipe.lr too high?)")

@@ -61,6 +61,7 @@ class RewardConfig:
     targets_file: str | None = None  # levenshtein / embedding: more target texts (see prompts.file formats)
     language: str = "de"  # language_id: ISO 639-1 code of the language to reward
     hvp_microbatch_size: int | None = None  # metagrad, M > 1: examples per HVP pass (none: the recipe's)
+    tf32: bool = False  # metagrad / naive on CUDA: TF32 matmuls in the inner run (dpg check reports their error)
 
 
 @dataclass
@@ -84,6 +85,10 @@ class GRPOSettings:
     save_every: int = 50  # steps between checkpoints; 0: none
     png_every: int = 10  # steps between PNGs of the pattern the target holds (pattern metrics); 0: none
     report_to: str = "none"  # none | tensorboard | wandb (through TRL)
+    sampler: str = "dpg"  # dpg: static KV cache + CUDA-graph decode (dpg.rollout) | trl: TRL's own generate
+    sampler_dtype: str = "auto"  # dpg sampler's weights: auto (bfloat16 on CUDA, the policy's on CPU) | float32 | bfloat16
+    precision: str = "auto"  # policy update: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    gradient_checkpointing: bool = False  # recompute activations in the policy update (saves memory, costs time)
     extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, passed through as is
 
 
@@ -160,6 +165,7 @@ def build_reward(cfg: TrainConfig, target, target_tok, device, dtype, steps_per_
             r.name, target, target_tok, metric, cfg.recipe, max_length=r.max_length,
             cross_group_batching=r.cross_group_batching, num_generations=cfg.grpo.num_generations,
             dtype=dtype, device=device, steps_per_batch=steps_per_batch, hvp_microbatch_size=r.hvp_microbatch_size,
+            tf32=r.tf32,
         )  # fmt: skip
     targets = list(r.targets) + (read_texts(r.targets_file)[0] if r.targets_file else [])
     if r.name == "levenshtein":
@@ -190,8 +196,12 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
             f"updates_per_step = {g.updates_per_step} mini-batches over {world} process(es)"
         )
     per_step = g.updates_per_step * g.num_iterations  # optimizer steps per generated batch
+    if g.precision not in ("auto", "fp32", "bf16"):
+        raise DpgError(f"grpo.precision must be auto, fp32 or bf16, got {g.precision!r}")
+    bf16 = g.precision == "bf16" or (g.precision == "auto" and device.type == "cuda")
     kwargs = dict(
-        output_dir=cfg.output_dir, seed=cfg.seed, use_cpu=device.type == "cpu", bf16=False, fp16=False,
+        output_dir=cfg.output_dir, seed=cfg.seed, use_cpu=device.type == "cpu", bf16=bf16, fp16=False,
+        gradient_checkpointing=g.gradient_checkpointing,
         learning_rate=g.learning_rate, lr_scheduler_type=g.lr_schedule, max_steps=g.steps * per_step,
         per_device_train_batch_size=batch // (g.updates_per_step * world), steps_per_generation=g.updates_per_step,
         num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_completion_length,
@@ -207,6 +217,22 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
         return GRPOConfig(**kwargs)
     except (TypeError, ValueError) as err:
         raise DpgError(f"GRPO settings rejected by TRL: {err}") from None
+
+
+def sampler_for(g: GRPOSettings, device: torch.device):
+    """dpg's sampler as TRL's rollout_func (None: TRL generates with `generate`)."""
+    if g.sampler == "trl":
+        return None
+    if g.sampler != "dpg":
+        raise DpgError(f"grpo.sampler must be dpg or trl, got {g.sampler!r}")
+    from dpg.rollout import TRLRollout
+
+    dtypes = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": torch.float32,
+              "bfloat16": torch.bfloat16}  # fmt: skip
+    if g.sampler_dtype not in dtypes:
+        raise DpgError(f"grpo.sampler_dtype must be auto, float32 or bfloat16, got {g.sampler_dtype!r}")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook for this
+    return TRLRollout(dtype=dtypes[g.sampler_dtype])
 
 
 def lora_config(cfg: LoraSettings):
@@ -268,7 +294,8 @@ def run_train(cfg: TrainConfig) -> Path:
             generator_tok.save_pretrained(base)
         PartialState().wait_for_everyone()
         generator.config._name_or_path = str(base)
-    timer = GenerationTimer(generator)  # TRL reports its own timings only to W&B / MLflow
+    rollout = sampler_for(cfg.grpo, device)
+    timer = rollout or GenerationTimer(generator)  # TRL reports its own timings only to W&B / MLflow
     log = RunLog(out, reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps, png_every=cfg.grpo.png_every,
                  enabled=main)  # fmt: skip
     trainer = GRPOTrainer(
@@ -279,6 +306,7 @@ def run_train(cfg: TrainConfig) -> Path:
         processing_class=generator_tok,
         peft_config=lora_config(cfg.lora),
         callbacks=[log, FiniteGuard(args.logging_steps), CheckpointSeal()],
+        rollout_func=rollout,
     )
     trainer.remove_callback(PrinterCallback)  # RunLog prints one readable line per step instead
     hf_logging.disable_progress_bar()  # no bars for writing shards at every checkpoint

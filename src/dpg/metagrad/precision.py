@@ -10,6 +10,8 @@ fp64, so the whole computation is fp64 and finite differences reach 1e-8.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -27,3 +29,16 @@ class float64_everywhere(TorchFunctionMode):
         if kwargs.get("dtype") in _LOW:
             kwargs["dtype"] = torch.float64
         return func(*args, **kwargs)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool = True):
+    """fp32 matrix products in TF32 on CUDA (10-bit mantissa inputs, fp32 accumulation) inside
+    the context, then the previous setting back. No effect on CPU. The engine's default stays
+    full fp32: `dpg check` on CUDA and benchmarks/grpo_step.py report the scores' TF32 error."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
