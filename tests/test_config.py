@@ -14,7 +14,8 @@ from dpg.check import CheckConfig
 from dpg.config import describe, load_config, to_dict
 from dpg.models import byte_tokenizer
 from dpg.safety import check_settings
-from dpg.train import TrainConfig, grpo_config
+from dpg.config import TrainConfig
+from dpg.train import grpo_config
 
 
 @dataclass

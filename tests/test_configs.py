@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dpg.config import load_config
+from dpg.config import TrainConfig, load_config
 from dpg.demo import demo_config
-from dpg.train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from dpg.config import load_config
-from dpg.evaluate import edit_distance_to_substring, results_table, sample_completions, text_figures, transfer_check
+from dpg.config import TrainConfig, load_config
+from dpg.evaluate import edit_distance_to_substring, sample_completions, text_figures, transfer_check
 from dpg.models import ModelConfig, load_model
-from dpg.report import console_line, save_pattern
-from dpg.train import TrainConfig
+from dpg.report import console_line, results_table, save_pattern
 
 
 @pytest.mark.parametrize(

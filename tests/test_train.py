@@ -11,7 +11,9 @@ from dpg import DpgError
 from dpg.config import load_config
 from dpg.models import byte_tokenizer, load_model
 from dpg.safety import SEAL
-from dpg.train import TrainConfig, ascii_only, grpo_config, load_prompts, run_train
+from dpg.config import TrainConfig
+from dpg.data import ascii_only, load_prompts
+from dpg.train import grpo_config, run_train
 
 TINY = [
     "generator.model=tiny-gpt2", "target.model=tiny-llama", "recipe.optimizer=sgd", "recipe.lr=1.0",

@@ -18,6 +18,7 @@ from dpg.errors import DpgError
 from dpg.metagrad.engine import MetagradResult, Recipe, example_metagrads
 from dpg.metrics import MetricConfig, build_metric
 from dpg.models import ModelConfig, load
+from dpg.runtime import resolve_device, resolve_dtype
 
 
 @dataclass
@@ -34,25 +35,6 @@ class AttributeConfig:
     dtype: str = "float32"  # engine precision: float32 | float64
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     offload: str = "cpu"  # where each step's saved state waits for the reverse sweep: cpu | disk | device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DpgError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DpgError(f"device {name!r} asked for, but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if name not in dtypes:
-        raise DpgError(f"dtype must be float32 or float64 (metagradients in bf16 are wrong), got {name!r}")
-    return dtypes[name]
 
 
 def run_attribute(cfg: AttributeConfig) -> MetagradResult:

@@ -108,10 +108,10 @@ class CheckConfig:
 
 def run_check(cfg: CheckConfig) -> bool:
     """Print the check's table; True when every checked example is within tolerance."""
-    from dpg.attribute import resolve_device
     from dpg.data import builtin_texts, encode_texts, read_texts
     from dpg.metrics import build_metric
     from dpg.models import load
+    from dpg.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     texts, prompts = read_texts(cfg.data) if cfg.data else (builtin_texts(), None)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from dpg.config import describe, load_config
 from dpg.errors import DpgError
@@ -37,7 +39,7 @@ def _config(command: str):
         from dpg.check import CheckConfig
 
         return CheckConfig, CheckConfig()
-    from dpg.train import TrainConfig
+    from dpg.config import TrainConfig
 
     if command == "demo":
         from dpg.demo import demo_config
@@ -64,10 +66,23 @@ def _run(command: str, cfg) -> int:
 
         run_evaluate(cfg)
     else:
-        from dpg.demo import run_demo
-
         run_demo(cfg)
     return 0
+
+
+def run_demo(cfg) -> Path:
+    """dpg demo: dpg train, then dpg evaluate (the transfer check), then the report folder.
+    The sequence lives here, in the dispatcher, so that no command imports another."""
+    from dpg.demo import demo_report
+    from dpg.evaluate import run_evaluate
+    from dpg.train import run_train
+
+    start = time.perf_counter()
+    run_train(cfg)
+    trained = time.perf_counter()
+    results = run_evaluate(cfg)
+    seconds = {"train": trained - start, "evaluate": time.perf_counter() - trained, "total": time.perf_counter() - start}
+    return demo_report(cfg, results, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,14 @@ from typing import NamedTuple
 
 import torch
 
-from dpg.attribute import resolve_device, resolve_dtype
-from dpg.data import encode_texts
+from dpg.config import TrainConfig
+from dpg.data import as_chat, ascii_only, encode_texts, load_prompts
 from dpg.errors import DpgError
 from dpg.metagrad.engine import fine_tune
 from dpg.metrics import build_metric
 from dpg.models import ModelConfig, load
-from dpg.train import TrainConfig, as_chat, ascii_only, load_prompts
+from dpg.report import results_table, save_pattern
+from dpg.runtime import resolve_device, resolve_dtype
 
 
 class TransferResult(NamedTuple):
@@ -125,8 +126,6 @@ def generators_to_compare(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
 
 
 def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
-    from dpg.report import save_pattern
-
     results = []
     for name, spec in generators_to_compare(cfg):
         for seed in cfg.evaluate.seeds:
@@ -140,24 +139,3 @@ def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     return results
-
-
-def results_table(results: list[TransferResult]) -> str:
-    """One row per generator: mean over seeds (and the range when there are several)."""
-    names = list(dict.fromkeys(r.generator for r in results))
-    keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
-    lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
-    for name in names:
-        rs = [r for r in results if r.generator == name]
-        cells = [name, str(len(rs)), _mean_range([r.metric for r in rs])]
-        for k in keys:
-            cells.append(_mean_range([{**r.proxy, **r.text}[k] for r in rs if k in {**r.proxy, **r.text}]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _mean_range(values: list[float]) -> str:
-    if not values:
-        return "—"
-    mean = sum(values) / len(values)
-    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} [{min(values):.4g}, {max(values):.4g}]"
