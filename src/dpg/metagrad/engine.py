@@ -96,13 +96,7 @@ def example_metagrads(
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
     with prepared(model, dtype, device) as target:
-        plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
-        hvp_plan = plan
-        if hvp_microbatch_size is not None and recipe.steps > 1:
-            if hvp_microbatch_size < 1:
-                raise DpgError(f"hvp_microbatch_size must be at least 1, got {hvp_microbatch_size}")
-            finer = replace(recipe, microbatch_size=hvp_microbatch_size)
-            hvp_plan = _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
+        plan, hvp_plan = _plans(examples, weights, recipe, hvp_microbatch_size, device, dtype, group)
         total = sum(len(s.microbatches) for s in plan) + len(plan[0].microbatches)
         total += sum(len(s.microbatches) for s in hvp_plan[1:])
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
@@ -114,6 +108,21 @@ def example_metagrads(
     result.timings = timings
     result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return result
+
+
+def _plans(
+    examples: Examples, weights: Tensor, recipe: Recipe, hvp_microbatch_size: int | None, device: torch.device,
+    dtype: torch.dtype, group: dist.ProcessGroup | None,
+) -> tuple[list[Step], list[Step]]:  # fmt: skip
+    """(the training passes' plan, the HVP passes' plan): the same steps and examples, the
+    HVP passes in microbatches of `hvp_microbatch_size` when given (only M > 1 has HVPs)."""
+    plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
+    if hvp_microbatch_size is None or recipe.steps == 1:
+        return plan, plan
+    if hvp_microbatch_size < 1:
+        raise DpgError(f"hvp_microbatch_size must be at least 1, got {hvp_microbatch_size}")
+    finer = replace(recipe, microbatch_size=hvp_microbatch_size)
+    return plan, _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
 
 
 def _metagrads(
