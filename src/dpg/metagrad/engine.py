@@ -30,7 +30,16 @@ from tqdm.auto import tqdm
 from dpg.errors import DpgError
 from dpg.metagrad import optim
 from dpg.metagrad.parallel import all_reduce_sum, summed
-from dpg.metagrad.records import Examples, MetagradResult, Recipe, TrainResult, check_inputs, make_examples
+from dpg.metagrad.records import (
+    Examples,
+    MetagradResult,
+    Recipe,
+    TrainResult,
+    check_hvp_microbatch_size,
+    check_inputs,
+    check_metric_value,
+    make_examples,
+)
 from dpg.metagrad.store import StepStore
 from dpg.metagrad.target import (
     Microbatch,
@@ -91,6 +100,7 @@ def example_metagrads(
     start = time.perf_counter()
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
+    check_hvp_microbatch_size(hvp_microbatch_size)
     store = StepStore(offload, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -119,8 +129,6 @@ def _plans(
     plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
     if hvp_microbatch_size is None or recipe.steps == 1:
         return plan, plan
-    if hvp_microbatch_size < 1:
-        raise DpgError(f"hvp_microbatch_size must be at least 1, got {hvp_microbatch_size}")
     finer = replace(recipe, microbatch_size=hvp_microbatch_size)
     return plan, _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
 
@@ -285,12 +293,7 @@ def _metric_forward(metric: Metric, target: Target, params: Params, when: str) -
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         phi = metric({**target.frozen, **leaves})
-    if not isinstance(phi, Tensor) or phi.numel() != 1:
-        raise DpgError(f"the metric must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}")
-    if not torch.isfinite(phi):
-        raise DpgError(f"the metric is not finite {when}: Φ = {phi.item()}")
-    if not phi.requires_grad:
-        raise DpgError("the metric does not depend on any trainable parameter of the target")
+    check_metric_value(phi, "the metric", when)
     return phi, leaves
 
 
@@ -299,7 +302,7 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
     adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
-        raise DpgError("the metric does not depend on any trainable parameter of the target")
+        raise DpgError("the metric does not depend on any trainable weight of the target")
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
     if bad:
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
