@@ -134,7 +134,8 @@ def _plans(
 
 
 def _metagrads(
-    target: Target, plan: list[Step], hvp_plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore, bar: tqdm,
+    target: Target, plan: list[Step], hvp_plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore,
+    bar: tqdm,
     timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None, group: dist.ProcessGroup | None,
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
