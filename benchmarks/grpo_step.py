@@ -1,6 +1,7 @@
 """The GRPO step at the paper's batch on one GPU: dpg's step against TRL's stock step.
 
-    python benchmarks/grpo_step.py --shared ../shared [--steps 5 --warmup 2] [--out benchmarks/results/grpo_step_h200.json]
+    python benchmarks/grpo_step.py --shared ../shared [--steps 4 --stock-steps 2 --warmup 2]
+                                   [--out benchmarks/results/grpo_step_h200.json]
 
 dpg's step, as `dpg train` runs it: 256 prompts × 4 completions of ≤ 128 tokens from
 SmolLM2-135M-Instruct (dpg's sampler), the exact M = 1 metagradient of the "67" metric on a

@@ -16,11 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-from dpg.config import load_config
+from dpg.config import TrainConfig, load_config
 from dpg.demo import demo_config
 from dpg.evaluate import transfer_check
 from dpg.models import ModelConfig
-from dpg.train import TrainConfig, run_train
+from dpg.train import run_train
 
 
 def main() -> None:

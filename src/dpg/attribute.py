@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from dpg.data import builtin_texts, encode_texts, read_texts
-from dpg.errors import DpgError
 from dpg.metagrad.engine import MetagradResult, Recipe, example_metagrads
 from dpg.metrics import MetricConfig, build_metric
 from dpg.models import ModelConfig, load
+from dpg.runtime import resolve_device, resolve_dtype
 
 
 @dataclass
@@ -27,7 +27,7 @@ class AttributeConfig:
     target: ModelConfig = field(default_factory=ModelConfig)  # the model the inner run fine-tunes
     recipe: Recipe = field(default_factory=lambda: Recipe(lr=1e-3))  # the inner run
     metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, the target metric
-    data: str | None = None  # JSONL ("text", optional "prompt") or text file, one example per line; none: built-in texts
+    data: str | None = None  # JSONL ("text", optional "prompt") or text file, an example a line; none: built-in texts
     max_length: int = 128  # tokens per example (prompt included), longer text is cut
     output: str = "scores.jsonl"  # where the per-example scores go (JSONL, input order)
     top: int = 5  # how many most helpful and most harmful examples to print
@@ -36,33 +36,19 @@ class AttributeConfig:
     offload: str = "cpu"  # where each step's saved state waits for the reverse sweep: cpu | disk | device
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DpgError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DpgError(f"device {name!r} asked for, but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if name not in dtypes:
-        raise DpgError(f"dtype must be float32 or float64 (metagradients in bf16 are wrong), got {name!r}")
-    return dtypes[name]
-
-
 def run_attribute(cfg: AttributeConfig) -> MetagradResult:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     texts, prompts = read_texts(cfg.data) if cfg.data else (builtin_texts(), None)
     model, tokenizer = load(cfg.target, device=device)
     examples = encode_texts(tokenizer, texts, cfg.max_length, prompts)
     metric = build_metric(cfg.metric, model, tokenizer)
-    print(f"target {cfg.target.model} on {device}: {len(texts)} examples, {cfg.recipe.steps} inner step(s), metric {cfg.metric.name}")
-    result = example_metagrads(model, examples, cfg.recipe, metric, dtype=dtype, device=device, offload=cfg.offload, progress=True)
+    print(
+        f"target {cfg.target.model} on {device}: {len(texts)} examples, {cfg.recipe.steps} inner step(s), "
+        f"metric {cfg.metric.name}"
+    )
+    result = example_metagrads(
+        model, examples, cfg.recipe, metric, dtype=dtype, device=device, offload=cfg.offload, progress=True
+    )
 
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

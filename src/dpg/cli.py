@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from dpg.config import describe, load_config
 from dpg.errors import DpgError
@@ -37,7 +39,7 @@ def _config(command: str):
         from dpg.check import CheckConfig
 
         return CheckConfig, CheckConfig()
-    from dpg.train import TrainConfig
+    from dpg.config import TrainConfig
 
     if command == "demo":
         from dpg.demo import demo_config
@@ -64,10 +66,24 @@ def _run(command: str, cfg) -> int:
 
         run_evaluate(cfg)
     else:
-        from dpg.demo import run_demo
-
         run_demo(cfg)
     return 0
+
+
+def run_demo(cfg) -> Path:
+    """dpg demo: dpg train, then dpg evaluate (the transfer check), then the report folder.
+    The sequence lives here, in the dispatcher, so that no command imports another."""
+    from dpg.demo import demo_report
+    from dpg.evaluate import run_evaluate
+    from dpg.train import run_train
+
+    start = time.perf_counter()
+    run_train(cfg)
+    trained = time.perf_counter()
+    results = run_evaluate(cfg)
+    end = time.perf_counter()
+    seconds = {"train": trained - start, "evaluate": end - trained, "total": end - start}
+    return demo_report(cfg, results, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpg", description="Dataset Policy Gradient.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.add_argument("config", nargs="?", help="YAML config file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. recipe.lr=1e-4")
         if "--help" in argv or "-h" in argv:  # the key listing costs imports: only when asked

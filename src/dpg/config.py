@@ -5,6 +5,9 @@
 Every key is checked against the dataclass: an unknown key or a value of the wrong type is a
 DpgError that names the key. Each dataclass field carries a one-line comment in its source;
 `describe` turns those comments into the `--help` listing, so docs and code cannot drift.
+
+`TrainConfig` and its sections (below the loader) are the one config of dpg train, dpg
+evaluate and dpg demo; attribute and check keep their own small configs beside their code.
 """
 
 from __future__ import annotations
@@ -16,11 +19,16 @@ import re
 import types
 import typing
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from dpg.data import PromptConfig
 from dpg.errors import DpgError
+from dpg.metagrad.records import Recipe
+from dpg.metrics import MetricConfig
+from dpg.models import ModelConfig
 
 T = TypeVar("T")
 
@@ -119,6 +127,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    """A bool, int, float or str config value, checked (YAML's own types, strictly)."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -168,7 +181,8 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], prefix + f.name + ".", value)
         else:
-            rows.append((prefix + f.name, repr(value) if isinstance(value, str) else str(value), comments.get(f.name, "")))
+            shown = repr(value) if isinstance(value, str) else str(value)
+            rows.append((prefix + f.name, shown, comments.get(f.name, "")))
     return rows
 
 
@@ -179,3 +193,86 @@ def _field_comments(cls: type) -> dict[str, str]:
         if m:
             comments[m.group(1)] = m.group(2).strip()
     return comments
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the generator (through peft); rank 0 trains every weight."""
+
+    r: int = 0  # LoRA rank; 0: full fine-tuning
+    alpha: int = 32  # LoRA alpha (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA path
+    target_modules: str = "all-linear"  # modules to adapt: "all-linear" or comma-separated names
+
+
+@dataclass
+class RewardConfig:
+    """How each completion is scored."""
+
+    name: str = "metagrad"  # metagrad | naive | levenshtein | language_id | embedding | module:function
+    cross_group_batching: bool = True  # metagrad: one inner run for the whole batch; false: inverse groups
+    max_length: int = 128  # target tokens per completion (longer text is cut)
+    targets: list[str] = field(default_factory=list)  # levenshtein / embedding: the target texts
+    targets_file: str | None = None  # levenshtein / embedding: more target texts (see prompts.file formats)
+    language: str = "de"  # language_id: ISO 639-1 code of the language to reward
+    hvp_microbatch_size: int | None = None  # metagrad, M > 1: examples per HVP pass (none: the recipe's)
+    tf32: bool = False  # metagrad / naive on CUDA: TF32 matmuls in inner runs (dpg check shows their error)
+
+
+@dataclass
+class GRPOSettings:
+    """The RL loop (TRL's GRPOTrainer). One step = one generated batch."""
+
+    steps: int = 100  # generated batches to train on
+    prompts_per_step: int = 16  # prompts per generated batch
+    num_generations: int = 4  # completions per prompt (the GRPO group)
+    temperature: float = 1.0  # sampling temperature
+    max_completion_length: int = 128  # generator tokens per completion
+    learning_rate: float = 5e-6  # generator learning rate (AdamW)
+    lr_schedule: str = "constant"  # constant | linear | cosine (transformers schedulers)
+    updates_per_step: int = 1  # optimizer steps per generated batch (it is cut into this many mini-batches)
+    num_iterations: int = 1  # passes over each generated batch; >1 reuses it under the clipped ratio
+    epsilon: float = 0.2  # PPO clip range of the policy ratio
+    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    loss_type: str = "grpo"  # TRL loss aggregation: grpo | dapo | dr_grpo | bnpo | ...
+    scale_rewards: str = "group"  # advantage normalisation: group | batch | none
+    allowed_tokens: str = "all"  # all | ascii: a byte-level generator samples printable ASCII, space, newline only
+    save_every: int = 50  # steps between checkpoints; 0: none
+    png_every: int = 10  # steps between PNGs of the pattern the target holds (pattern metrics); 0: none
+    report_to: str = "none"  # none | tensorboard | wandb (through TRL)
+    sampler: str = "dpg"  # dpg: static KV cache, CUDA-graph decode (dpg.rollout) | trl: TRL's generate
+    sampler_dtype: str = "auto"  # dpg sampler: auto (bfloat16 on CUDA, else the policy's) | float32 | bfloat16
+    precision: str = "auto"  # policy update: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    gradient_checkpointing: bool = False  # recompute activations in the policy update (less memory, slower)
+    extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, passed through as is
+
+
+@dataclass
+class EvaluateSettings:
+    """dpg evaluate: the transfer check."""
+
+    samples: int = 256  # completions sampled from each generator (on the held-out prompts)
+    seeds: list[int] = field(default_factory=lambda: [0])  # sampling seeds; each is a fresh dataset and target run
+    generators: list[str] = field(default_factory=list)  # more generators to compare (paths or presets)
+    language: str | None = None  # also report the share of samples in this language (fastText language ID)
+    target_string: str | None = None  # also report how often samples contain this string (exact, edit distance ≤ 5)
+
+
+@dataclass
+class TrainConfig:
+    """dpg train / evaluate / demo: everything a DPG run needs."""
+
+    output_dir: str = "runs/dpg"  # checkpoints, metrics.jsonl, pattern PNGs, the final generator
+    seed: int = 0  # seeds sampling, the data order and the policy updates
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (generator and target)
+    dtype: str = "float32"  # metagradient precision: float32 | float64
+    resume: bool = True  # continue from the last checkpoint in output_dir, if any
+    generator: ModelConfig = field(default_factory=lambda: ModelConfig(seed=1))  # the model GRPO trains
+    lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the generator
+    target: ModelConfig = field(default_factory=ModelConfig)  # the model fine-tuned on the completions
+    prompts: PromptConfig = field(default_factory=PromptConfig)  # what the generator is asked
+    metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, what the target should become
+    reward: RewardConfig = field(default_factory=RewardConfig)  # how completions are scored
+    recipe: Recipe = field(default_factory=Recipe)  # the target's inner run (fine-tuning on a batch)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)  # the RL loop
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)  # the transfer check

@@ -7,6 +7,10 @@ leaves at least one label token, so the engine's loss is defined for every examp
 
 Layout of one example:  [bos] prompt... text... [eos]   labels on text and eos.
 `bos` is the tokenizer's BOS token, else its EOS token (GPT-2 style separator), else none.
+
+Prompts in, generator inputs out: `load_prompts` (file or built-in, template, held-out
+split), `as_chat` (messages for a chat template) and `ascii_only` (tokens a byte-level
+generator must not sample), shared by dpg train and dpg evaluate.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpg.errors import DpgError
@@ -42,7 +47,8 @@ def encode_texts(
         room = max_length - len(head)
         body = body[:room]  # over-long text is cut at the end...
         prompt = _tokens(tokenizer, prompts[i]) if prompts is not None else []
-        prompt = prompt[max(0, len(prompt) - (room - len(body))) :] if room > len(body) else []  # ...a prompt at its start
+        # ...a prompt at its start
+        prompt = prompt[max(0, len(prompt) - (room - len(body))) :] if room > len(body) else []
         seq = head + prompt + body
         label = [False] * (len(head) + len(prompt)) + [True] * len(body)
         label[0] = False  # nothing precedes the first token to predict it
@@ -188,3 +194,46 @@ def _content(message: dict) -> str:
 def builtin_prompts(n: int = 64, seed: int = 7) -> list[str]:
     """Short prompts for runs without a prompt file: the first words of built-in texts."""
     return [" ".join(t.split()[:3]) for t in builtin_texts(n, seed)]
+
+
+@dataclass
+class PromptConfig:
+    """What the generator is asked."""
+
+    file: str | None = None  # JSONL / Parquet / TSV / text file of prompts; none: built-in short prompts
+    field: str = "prompt"  # JSONL or Parquet field, TSV column name or number
+    template: str = "{prompt}"  # the prompt the generator sees; {prompt} is the file's text
+    chat: bool = False  # send it as a user message through the generator's chat template (instruct models)
+    limit: int | None = None  # use only the first this many prompts
+    heldout: int = 16  # the last prompts, kept out of training for `dpg evaluate`
+
+
+def load_prompts(cfg: PromptConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), each already through the template."""
+    texts = read_texts(cfg.file, cfg.field)[0] if cfg.file else builtin_prompts()
+    texts = texts[: cfg.limit] if cfg.limit else texts
+    if len(texts) <= cfg.heldout:
+        raise DpgError(f"{len(texts)} prompts leave none for training after prompts.heldout = {cfg.heldout}")
+    try:
+        prompts = [cfg.template.format(prompt=t) for t in texts]
+    except (KeyError, IndexError, ValueError) as err:
+        raise DpgError(f"prompts.template {cfg.template!r} is not a valid template with {{prompt}}: {err}") from None
+    return prompts[: len(prompts) - cfg.heldout], prompts[len(prompts) - cfg.heldout :]
+
+
+def as_chat(prompts: list[str], chat: bool) -> list:
+    """TRL treats a list of messages as a conversation and applies the chat template."""
+    return [[{"role": "user", "content": p}] for p in prompts] if chat else prompts
+
+
+def ascii_only(tokenizer) -> list[int]:
+    """Token ids a byte-level tokenizer should never sample for printable-ASCII text."""
+    keep = set(range(0x20, 0x7F)) | {ord("\n")}
+    suppress = []
+    for token_id in range(len(tokenizer)):
+        if token_id in tokenizer.all_special_ids:
+            continue
+        raw = tokenizer.decode([token_id]).encode("utf-8", errors="replace")
+        if not raw or any(b not in keep for b in raw):
+            suppress.append(token_id)
+    return suppress

@@ -3,20 +3,20 @@
 A tiny generator learns to write text that, used for one plain SFT step, writes the paper's
 "67" pattern into the LM head of a tiny target. The run ends with the transfer check of the
 trained generator against the base one and a report folder (configs/demo.yaml is the same
-run as a file).
+run as a file). This module holds the demo's settings and its report; `dpg.cli.run_demo`
+runs dpg train, dpg evaluate and then `demo_report` (commands never import each other).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from dpg.evaluate import run_evaluate
+from dpg.config import EvaluateSettings, GRPOSettings, RewardConfig, TrainConfig
+from dpg.data import PromptConfig
 from dpg.metagrad.engine import Recipe
 from dpg.metrics import MetricConfig, pattern_metric
 from dpg.models import ModelConfig, load
 from dpg.report import write_report
-from dpg.train import EvaluateSettings, GRPOSettings, PromptConfig, RewardConfig, TrainConfig, run_train
 
 
 def demo_config() -> TrainConfig:
@@ -45,14 +45,11 @@ def demo_config() -> TrainConfig:
     )
 
 
-def run_demo(cfg: TrainConfig) -> Path:
-    start = time.perf_counter()
-    run_train(cfg)
-    trained = time.perf_counter()
-    results = run_evaluate(cfg)
+def demo_report(cfg: TrainConfig, results: list, seconds: dict[str, float]) -> Path:
+    """The report folder of a finished demo run (dpg.report.write_report), with the target
+    pattern drawn beside the base and trained ones when Φ is a pattern metric."""
     target, _ = load(cfg.target)
     pattern = pattern_metric(target, cfg.metric.pattern).pattern if cfg.metric.name == "pattern" else None
-    seconds = {"train": trained - start, "evaluate": time.perf_counter() - trained, "total": time.perf_counter() - start}
     report = write_report(Path(cfg.output_dir), results, pattern, seconds)
     print(f"\nreport: {report}/summary.md ({seconds['total']:.0f} s in all)")
     return report

@@ -16,13 +16,14 @@ from typing import NamedTuple
 
 import torch
 
-from dpg.attribute import resolve_device, resolve_dtype
-from dpg.data import encode_texts
+from dpg.config import TrainConfig
+from dpg.data import as_chat, ascii_only, encode_texts, load_prompts
 from dpg.errors import DpgError
 from dpg.metagrad.engine import fine_tune
 from dpg.metrics import build_metric
 from dpg.models import ModelConfig, load
-from dpg.train import TrainConfig, as_chat, ascii_only, load_prompts
+from dpg.report import results_table, save_pattern
+from dpg.runtime import resolve_device, resolve_dtype
 
 
 class TransferResult(NamedTuple):
@@ -51,7 +52,8 @@ def sample_completions(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
             for start in range(0, n, batch_size):
-                enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat)
+                batch = texts[start : start + batch_size]
+                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 ids = model.generate(
                     **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -73,7 +75,8 @@ def text_figures(samples: list[str], language: str | None, target_string: str | 
         figures[f"mean_p_{language}"] = sum(p) / len(p)
     if target_string:
         figures["exact_rate"] = sum(target_string in s for s in samples) / len(samples)
-        figures["within_5_rate"] = sum(edit_distance_to_substring(target_string, s) <= 5 for s in samples) / len(samples)
+        near = sum(edit_distance_to_substring(target_string, s) <= 5 for s in samples)
+        figures["within_5_rate"] = near / len(samples)
     return figures
 
 
@@ -125,39 +128,17 @@ def generators_to_compare(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
 
 
 def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
-    from dpg.report import save_pattern
-
     results = []
     for name, spec in generators_to_compare(cfg):
         for seed in cfg.evaluate.seeds:
             res = transfer_check(cfg, name, spec, seed)
             results.append(res)
             if res.decoded is not None:
-                save_pattern(res.decoded, Path(cfg.output_dir) / "evaluate" / f"{name.replace('/', '_')}_seed{seed}.png")
+                png = Path(cfg.output_dir) / "evaluate" / f"{name.replace('/', '_')}_seed{seed}.png"
+                save_pattern(res.decoded, png)
     print(results_table(results))
     rows = [r._asdict() | {"decoded": None if r.decoded is None else r.decoded.tolist()} for r in results]
     path = Path(cfg.output_dir) / "evaluate.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     return results
-
-
-def results_table(results: list[TransferResult]) -> str:
-    """One row per generator: mean over seeds (and the range when there are several)."""
-    names = list(dict.fromkeys(r.generator for r in results))
-    keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
-    lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
-    for name in names:
-        rs = [r for r in results if r.generator == name]
-        cells = [name, str(len(rs)), _mean_range([r.metric for r in rs])]
-        for k in keys:
-            cells.append(_mean_range([{**r.proxy, **r.text}[k] for r in rs if k in {**r.proxy, **r.text}]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _mean_range(values: list[float]) -> str:
-    if not values:
-        return "—"
-    mean = sum(values) / len(values)
-    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} [{min(values):.4g}, {max(values):.4g}]"

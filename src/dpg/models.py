@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,7 @@ PRESETS: tuple[str, ...] = (*_PRESETS, SMOLLM2)
 class ModelConfig:
     """Which model to load (a generator or a target)."""
 
-    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama, gpt2-faithful, smollm2-135m-instruct), local directory, .gguf file or HF hub id
+    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama, gpt2-faithful, smollm2-135m-instruct), dir, GGUF, hub id
     seed: int = 0  # random presets (tiny-*, gpt2-faithful): seed of the random initialisation
     tie_word_embeddings: bool | None = None  # random presets: tie the LM head to the input embeddings
     tokenizer: str | None = None  # replacement tokenizer: dir or hub id (gpt2-faithful default: $DPG_GPT2_TOKENIZER)
@@ -211,8 +212,11 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval()
     try:
         model.set_attn_implementation("sdpa")
-    except (ValueError, ImportError, NotImplementedError):
-        pass  # architectures without an SDPA path keep their default attention
+    except (ValueError, ImportError, NotImplementedError) as err:
+        # Only speed depends on it (the engine picks a differentiable attention itself), but
+        # the user is told which attention runs.
+        keeps = model.config._attn_implementation
+        warnings.warn(f"{spec!r} has no SDPA attention, keeps {keeps!r}: {_first_line(err)}", stacklevel=2)
 
     if tok.pad_token is None:
         if tok.eos_token is None:

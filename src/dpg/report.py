@@ -162,8 +162,6 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
 
 def write_report(out_dir: Path, results: list, target_pattern: torch.Tensor | None, seconds: dict[str, float]) -> Path:
     """The report folder of a run: metric curve, target/before/after patterns, summary."""
-    from dpg.evaluate import results_table
-
     report = Path(out_dir) / "report"
     report.mkdir(parents=True, exist_ok=True)
     metrics = Path(out_dir) / "metrics.jsonl"
@@ -198,3 +196,25 @@ def write_report(out_dir: Path, results: list, target_pattern: torch.Tensor | No
     }
     (report / "summary.json").write_text(json.dumps(summary, indent=2))
     return report
+
+
+def results_table(results: list) -> str:
+    """One row per generator of the transfer check (dpg.evaluate.TransferResult rows): mean
+    over seeds (and the range when there are several)."""
+    names = list(dict.fromkeys(r.generator for r in results))
+    keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
+    lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    for name in names:
+        rs = [r for r in results if r.generator == name]
+        cells = [name, str(len(rs)), _mean_range([r.metric for r in rs])]
+        for k in keys:
+            cells.append(_mean_range([{**r.proxy, **r.text}[k] for r in rs if k in {**r.proxy, **r.text}]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_range(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} [{min(values):.4g}, {max(values):.4g}]"

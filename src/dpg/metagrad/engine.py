@@ -30,7 +30,16 @@ from tqdm.auto import tqdm
 from dpg.errors import DpgError
 from dpg.metagrad import optim
 from dpg.metagrad.parallel import all_reduce_sum, summed
-from dpg.metagrad.records import Examples, MetagradResult, Recipe, TrainResult, check_inputs, make_examples
+from dpg.metagrad.records import (
+    Examples,
+    MetagradResult,
+    Recipe,
+    TrainResult,
+    check_hvp_microbatch_size,
+    check_inputs,
+    check_metric_value,
+    make_examples,
+)
 from dpg.metagrad.store import StepStore
 from dpg.metagrad.target import (
     Microbatch,
@@ -91,18 +100,13 @@ def example_metagrads(
     start = time.perf_counter()
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
+    check_hvp_microbatch_size(hvp_microbatch_size)
     store = StepStore(offload, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
     with prepared(model, dtype, device) as target:
-        plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
-        hvp_plan = plan
-        if hvp_microbatch_size is not None and recipe.steps > 1:
-            if hvp_microbatch_size < 1:
-                raise DpgError(f"hvp_microbatch_size must be at least 1, got {hvp_microbatch_size}")
-            finer = replace(recipe, microbatch_size=hvp_microbatch_size)
-            hvp_plan = _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
+        plan, hvp_plan = _plans(examples, weights, recipe, hvp_microbatch_size, device, dtype, group)
         total = sum(len(s.microbatches) for s in plan) + len(plan[0].microbatches)
         total += sum(len(s.microbatches) for s in hvp_plan[1:])
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
@@ -116,8 +120,22 @@ def example_metagrads(
     return result
 
 
+def _plans(
+    examples: Examples, weights: Tensor, recipe: Recipe, hvp_microbatch_size: int | None, device: torch.device,
+    dtype: torch.dtype, group: dist.ProcessGroup | None,
+) -> tuple[list[Step], list[Step]]:  # fmt: skip
+    """(the training passes' plan, the HVP passes' plan): the same steps and examples, the
+    HVP passes in microbatches of `hvp_microbatch_size` when given (only M > 1 has HVPs)."""
+    plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
+    if hvp_microbatch_size is None or recipe.steps == 1:
+        return plan, plan
+    finer = replace(recipe, microbatch_size=hvp_microbatch_size)
+    return plan, _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
+
+
 def _metagrads(
-    target: Target, plan: list[Step], hvp_plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore, bar: tqdm,
+    target: Target, plan: list[Step], hvp_plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore,
+    bar: tqdm,
     timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None, group: dist.ProcessGroup | None,
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
@@ -276,12 +294,7 @@ def _metric_forward(metric: Metric, target: Target, params: Params, when: str) -
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         phi = metric({**target.frozen, **leaves})
-    if not isinstance(phi, Tensor) or phi.numel() != 1:
-        raise DpgError(f"the metric must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}")
-    if not torch.isfinite(phi):
-        raise DpgError(f"the metric is not finite {when}: Φ = {phi.item()}")
-    if not phi.requires_grad:
-        raise DpgError("the metric does not depend on any trainable parameter of the target")
+    check_metric_value(phi, "the metric", when)
     return phi, leaves
 
 
@@ -290,7 +303,7 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
     adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
-        raise DpgError("the metric does not depend on any trainable parameter of the target")
+        raise DpgError("the metric does not depend on any trainable weight of the target")
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
     if bad:
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
