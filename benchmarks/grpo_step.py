@@ -135,7 +135,7 @@ def tf32_agreement(args) -> dict:
     """fp32 vs TF32 metagradient scores on 1,024 of the generator's own completions."""
     from dpg.data import encode_texts
     from dpg.metagrad.engine import Recipe, example_metagrads
-    from dpg.metagrad.precision import tf32_matmuls
+    from dpg.metagrad.precision import agreement, tf32_matmuls
     from dpg.metrics import MetricConfig, build_metric
     from dpg.models import load_model
     from dpg.rollout import Sampler, SamplingSettings
@@ -159,13 +159,8 @@ def tf32_agreement(args) -> dict:
             start = time.perf_counter()
             out[name] = example_metagrads(target, examples, recipe, metric, device="cuda").scores
             out[f"{name}_seconds"] = time.perf_counter() - start
-    a, b = out["fp32"], out["tf32"]
-    rank = lambda x: torch.argsort(torch.argsort(x)).double()  # noqa: E731
-    ra, rb = rank(a), rank(b)
-    spearman = torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
-    return {"relative_error": ((a - b).norm() / a.norm()).item(), "spearman": spearman,
-            "sign_agreement": (a.sign() == b.sign()).double().mean().item(),
-            "fp32_seconds": out["fp32_seconds"], "tf32_seconds": out["tf32_seconds"], "examples": len(a)}  # fmt: skip
+    return agreement(out["fp32"], out["tf32"]) | {"fp32_seconds": out["fp32_seconds"],
+                                                  "tf32_seconds": out["tf32_seconds"], "examples": len(out["fp32"])}
 
 
 def main() -> None:

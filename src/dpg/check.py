@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dpg.metagrad.engine import Examples, Metric, Recipe, example_metagrads, fine_tune
-from dpg.metagrad.precision import float64_everywhere
+from dpg.metagrad.precision import agreement, float64_everywhere, tf32_matmuls
 from dpg.metrics import MetricConfig
 from dpg.models import ModelConfig
 
@@ -36,6 +36,7 @@ class CheckReport(NamedTuple):
     rows: list[CheckRow]
     max_error: float  # over the checked examples
     fp32_error: float | None  # ‖s32 − s64‖ / ‖s64‖ over all examples
+    tf32: dict[str, float] | None  # on CUDA: TF32 vs fp32 scores (precision.agreement), what reward.tf32 costs
     tolerance: float
     passed: bool
 
@@ -82,12 +83,16 @@ def check_metagrads(
             if best is None or err < best.error:
                 best = CheckRow(i, e, fd, h, err)
         rows.append(best)
-    fp32_error = None
+    fp32_error, tf32 = None, None
     if fp32:
         s32 = example_metagrads(model, examples, recipe, metric, dtype=torch.float32, device=device).scores
         fp32_error = ((s32 - exact).norm() / exact.norm()).item()
+        if torch.device(device).type == "cuda":
+            with tf32_matmuls(True):
+                s_tf32 = example_metagrads(model, examples, recipe, metric, dtype=torch.float32, device=device).scores
+            tf32 = agreement(s32, s_tf32)
     worst = max(r.error for r in rows)
-    return CheckReport(rows, worst, fp32_error, tolerance, worst <= tolerance)
+    return CheckReport(rows, worst, fp32_error, tf32, tolerance, worst <= tolerance)
 
 
 @dataclass
@@ -135,4 +140,10 @@ def run_check(cfg: CheckConfig) -> bool:
         note = "" if report.fp32_error < 1e-2 else poor
         error = f"relative error {report.fp32_error:.2e}"
         print(f"fp32 engine vs fp64 engine over all {len(texts)} examples: {error}{note}")
+    if report.tf32 is not None:
+        t = report.tf32
+        print(f"TF32 engine (reward.tf32) vs fp32 engine: relative error {t['relative_error']:.2e}, "
+              f"Spearman {t['spearman']:.5f}, signs agree {100 * t['sign_agreement']:.1f} %")  # fmt: skip
+    elif device.type != "cuda":
+        print("TF32 (reward.tf32): CUDA only; on this device the engine runs full fp32")
     return report.passed

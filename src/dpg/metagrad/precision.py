@@ -42,3 +42,16 @@ def tf32_matmuls(enabled: bool = True):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """How well `other` scores stand in for `reference` ones: relative error ‖o − r‖/‖r‖, the
+    Spearman correlation of their ranks (ties broken by position) and the share of signs
+    they agree on."""
+    rank = lambda x: torch.argsort(torch.argsort(x)).double()  # noqa: E731
+    spearman = torch.corrcoef(torch.stack([rank(reference), rank(other)]))[0, 1].item()
+    return {
+        "relative_error": ((other - reference).norm() / reference.norm()).item(),
+        "spearman": spearman,
+        "sign_agreement": (reference.sign() == other.sign()).double().mean().item(),
+    }
