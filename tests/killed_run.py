@@ -1,7 +1,7 @@
 """`dpg train CONFIG`, killed by SIGKILL at a chosen moment of a chosen step (for
 tests/test_safety.py): `python tests/killed_run.py generation|reward STEP CONFIG`.
 
-generation: in the middle of sampling step STEP's completions (its third decoding forward).
+generation: in the middle of sampling step STEP's completions (its third model forward).
 reward:     in the middle of step STEP's reward, after the target's inner run and before
             the metagradient's reverse sweep.
 SIGKILL leaves no chance to clean up: what is on disk is what a crash leaves.
@@ -15,6 +15,7 @@ from transformers import GenerationMixin
 
 import dpg.rewards
 from dpg.cli import main
+from dpg.rollout import Sampler
 
 
 def die() -> None:
@@ -23,6 +24,33 @@ def die() -> None:
 
 
 def kill_in_generation(step: int) -> None:
+    """The third model forward of step STEP's sampling: dpg's sampler (grpo.sampler: dpg, the
+    default) or TRL's `generate` (grpo.sampler: trl), whichever the run uses."""
+    kill_in_sampler(step)
+    kill_in_generate(step)
+
+
+def kill_in_sampler(step: int) -> None:
+    real_sample, real_forward, calls = Sampler.sample, Sampler._forward, [0]
+
+    def sample(self, prompt_ids):
+        calls[0] += 1
+        if calls[0] == step:  # one sample call per generated batch
+            passes = [0]
+
+            def dying_forward(sampler, *a, **k):
+                passes[0] += 1
+                if passes[0] == 3:  # the prefill, one decode step, then mid-sampling
+                    die()
+                return real_forward(sampler, *a, **k)
+
+            Sampler._forward = dying_forward
+        return real_sample(self, prompt_ids)
+
+    Sampler.sample = sample
+
+
+def kill_in_generate(step: int) -> None:
     real, calls = GenerationMixin.generate, [0]
 
     def generate(self, *args, **kwargs):
