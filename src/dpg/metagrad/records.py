@@ -35,6 +35,9 @@ class Recipe:
     steps: int = 1  # M, inner optimizer steps
     batch_size: int | None = None  # examples per step; None splits the N examples into M batches
     microbatch_size: int | None = None  # examples per forward pass; None: the whole batch
+    # GB of saved step states held at once where `offload` puts them (host memory or disk); steps
+    # beyond it are recomputed from checkpoints. None: 80 % of the memory/disk free at the start
+    state_budget_gb: float | None = None
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "sgd"):
@@ -45,6 +48,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DpgError(f"recipe.{name} must be at least 1 or null, got {value}")
+        if self.state_budget_gb is not None and not self.state_budget_gb > 0:
+            raise DpgError(f"recipe.state_budget_gb must be positive or null, got {self.state_budget_gb}")
         if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
             raise DpgError(f"recipe.b1 and recipe.b2 must lie in [0, 1), got {self.b1}, {self.b2}")
         if self.eps < 0 or self.eps_root < 0 or (self.eps == 0 and self.eps_root == 0 and self.optimizer == "adamw"):
@@ -91,8 +96,9 @@ class MetagradResult:
     metric_before: float  # Φ(θ_0), before the inner run
     proxy: dict[str, float] = field(default_factory=dict)  # readable companions of Φ (accuracy, norm, ...)
     losses: list[float] = field(default_factory=list)  # weighted batch loss L_t at each inner step
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: train, metric, reverse, total
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: train, metric, reverse (of it, replay: recomputed steps), total
     peak_memory: int | None = None  # bytes on the CUDA device; None on CPU
+    schedule: dict = field(default_factory=dict)  # k, levels, runs, recomputed, peak_* (bound), held_* (seen)
 
 
 class TrainResult(NamedTuple):
