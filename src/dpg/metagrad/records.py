@@ -22,7 +22,9 @@ class Recipe:
 
     Defaults are the paper's AdamW for GPT-2 targets. eps_root matters: it makes the first
     update linear, not sign-like, for gradients below ~√eps_root, which keeps the
-    metagradient well conditioned (see README, "Precision").
+    metagradient well conditioned (see README, "Precision"). state_budget_gb bounds the saved
+    step states where the engine's `offload` puts them (host memory, or disk); the steps that
+    do not fit are recomputed from checkpoints, with the same result (README, "Long inner runs").
     """
 
     optimizer: str = "adamw"  # "adamw" (optax form, decoupled weight decay) or "sgd"
@@ -35,9 +37,7 @@ class Recipe:
     steps: int = 1  # M, inner optimizer steps
     batch_size: int | None = None  # examples per step; None splits the N examples into M batches
     microbatch_size: int | None = None  # examples per forward pass; None: the whole batch
-    # GB of saved step states held at once where `offload` puts them (host memory or disk); steps
-    # beyond it are recomputed from checkpoints. None: 80 % of the memory/disk free at the start
-    state_budget_gb: float | None = None
+    state_budget_gb: float | None = None  # saved step states held at once, GB (more: recomputed); none: 80 % of free
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "sgd"):
