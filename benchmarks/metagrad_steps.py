@@ -28,6 +28,7 @@ import torch
 from metagrad_ratio import SHAPES, build, sft_steps, timed
 
 from dpg import Examples, Recipe, example_metagrads
+from dpg.metagrad import schedule
 from dpg.metrics import pattern_metric
 
 
@@ -74,9 +75,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="timed metagradients per M (median), after --warmup")
     ap.add_argument("--warmup", action="store_true", help="an untimed metagradient at each M first")
     ap.add_argument("--tf32", action="store_true")
+    ap.add_argument("--plan-only", action="store_true", help="print the schedule chosen for each M, run nothing")
     ap.add_argument("--out", default="metagrad_steps.json")
     args = ap.parse_args()
     shape, device = SHAPES[args.shape], torch.device(args.device)
+    if args.plan_only:
+        return print_plans(build(shape, torch.device("cpu")), args.steps, args.budget_gb)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     n, t, micro = shape["seqs"], shape["seq_len"], shape["micro"]
     hvp_micro = args.hvp_micro or max(1, micro // 2)
@@ -129,6 +133,17 @@ def main() -> None:
             f"{gpu:>7s} {row['peak_host_rss_gb']:8.1f}  {plan}, {row['saved_states_gb']:.2f} GB held",
             flush=True,
         )
+
+
+def print_plans(model, steps: list[int], budget_gb: float | None) -> None:
+    """What the engine would keep and recompute (AdamW, fp32), without running anything."""
+    unit = sum(p.numel() for p in model.parameters()) * 4
+    budget = None if budget_gb is None else int(budget_gb * 2**30)
+    print(f"θ: {unit / 2**30:.3f} GB fp32; a record (θ, g, m, v) {4 * unit / 2**30:.2f} GB, a state {3 * unit / 2**30:.2f} GB")
+    print(f"{'M':>4s} {'k':>4s} {'levels':>6s} {'held':>5s} {'GB':>6s} {'steps run':>9s} {'recomputed':>10s}")
+    for m in steps:
+        p = schedule.choose(m, True, unit, budget)
+        print(f"{m:4d} {p.k:4d} {p.levels:6d} {p.peak_items:5d} {p.peak_bytes / 2**30:6.1f} {p.runs:9d} {p.runs - m:10d}")
 
 
 def timed_once(fn, device, reps):
