@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=None, help="recipe.state_budget_gb (none: 80%% of free memory)")
     ap.add_argument("--offload", default="cpu", choices=["cpu", "disk", "device"])
     ap.add_argument("--hvp-micro", type=int, default=None, help="HVP microbatch (default: half the training one)")
+    ap.add_argument("--seqs", type=int, default=None, help="sequences per inner step (default: the shape's)")
     ap.add_argument("--sft-steps", type=int, default=4, help="plain SFT steps timed for the baseline")
     ap.add_argument("--reps", type=int, default=1, help="timed metagradients per M (median), after --warmup")
     ap.add_argument("--warmup", action="store_true", help="an untimed metagradient at each M first")
@@ -82,7 +83,7 @@ def main() -> None:
     if args.plan_only:
         return print_plans(build(shape, torch.device("cpu")), args.steps, args.budget_gb)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    n, t, micro = shape["seqs"], shape["seq_len"], shape["micro"]
+    n, t, micro = args.seqs or shape["seqs"], shape["seq_len"], shape["micro"]
     hvp_micro = args.hvp_micro or max(1, micro // 2)
     model = build(shape, device)
     metric = pattern_metric(model, "67")
@@ -100,39 +101,45 @@ def main() -> None:
     print(f"\n{results['device']}, torch {torch.__version__}, shape {args.shape}: plain SFT step {sft_step:.3f} s")
     print(f"{'M':>4s} {'seconds':>9s} {'ratio':>6s} {'fwd/step':>9s} {'replay':>8s} {'GPU GB':>7s} {'host GB':>8s}  schedule")
     for m in args.steps:
-        recipe = Recipe(steps=m, microbatch_size=micro, state_budget_gb=args.budget_gb)
-        examples = examples_for(ids[: m * n])
-        holder = {}
-
-        def run():
-            with PeakRSS() as rss:
-                holder["res"] = example_metagrads(
-                    model, examples, recipe, metric, device=device, offload=args.offload, hvp_microbatch_size=hvp_micro
-                )  # fmt: skip
-            holder["rss"] = rss.peak
-
-        if args.warmup:
-            run()
-        secs, times = timed_once(run, device, args.reps)
-        res = holder["res"]
-        row = {
-            "seconds": secs, "all_seconds": times, "sft_equivalent_s": m * sft_step, "ratio": secs / (m * sft_step),
-            "forward_s_per_step": res.timings["train"] / m, "timings": res.timings,
-            "peak_gpu_gb": None if res.peak_memory is None else res.peak_memory / 2**30,
-            "peak_host_rss_gb": holder["rss"] / 2**30, "saved_states_gb": res.schedule["held_bytes"] / 2**30,
-            "schedule": res.schedule,
-        }  # fmt: skip
+        row = measure(model, metric, ids[: m * n], m, micro, hvp_micro, args, device)
+        row["sft_equivalent_s"], row["ratio"] = m * sft_step, row["seconds"] / (m * sft_step)
         results["runs"][str(m)] = row
         with open(args.out, "w") as f:  # rewritten after every M: a crash keeps what was measured
             json.dump(results, f, indent=2)
-        s = res.schedule
+        s = row["schedule"]
         plan = "all saved" if s["recomputed"] == 0 else f"k={s['k']}, {s['levels']} levels, {s['recomputed']} recomputed"
         gpu = "" if row["peak_gpu_gb"] is None else f"{row['peak_gpu_gb']:7.1f}"
         print(
-            f"{m:4d} {secs:9.2f} {row['ratio']:6.2f} {row['forward_s_per_step']:9.3f} {res.timings.get('replay', 0):8.2f} "
-            f"{gpu:>7s} {row['peak_host_rss_gb']:8.1f}  {plan}, {row['saved_states_gb']:.2f} GB held",
+            f"{m:4d} {row['seconds']:9.2f} {row['ratio']:6.2f} {row['forward_s_per_step']:9.3f} "
+            f"{row['timings'].get('replay', 0):8.2f} {gpu:>7s} {row['peak_host_rss_gb']:8.1f}  {plan}, "
+            f"{row['saved_states_gb']:.2f} GB held",
             flush=True,
         )
+
+
+def measure(model, metric, ids, m, micro, hvp_micro, args, device) -> dict:
+    """One metagradient through M steps on `ids` (M × seqs sequences): time and memory."""
+    recipe = Recipe(steps=m, microbatch_size=micro, state_budget_gb=args.budget_gb)
+    examples = examples_for(ids)
+    holder = {}
+
+    def run():
+        with PeakRSS() as rss:
+            holder["res"] = example_metagrads(
+                model, examples, recipe, metric, device=device, offload=args.offload, hvp_microbatch_size=hvp_micro
+            )  # fmt: skip
+        holder["rss"] = rss.peak
+
+    if args.warmup:
+        run()
+    secs, times = timed_once(run, device, args.reps)
+    res = holder["res"]
+    return {
+        "seconds": secs, "all_seconds": times, "forward_s_per_step": res.timings["train"] / m,
+        "timings": res.timings, "peak_gpu_gb": None if res.peak_memory is None else res.peak_memory / 2**30,
+        "peak_host_rss_gb": holder["rss"] / 2**30, "saved_states_gb": res.schedule["held_bytes"] / 2**30,
+        "schedule": res.schedule, "warmup": args.warmup,
+    }  # fmt: skip
 
 
 def print_plans(model, steps: list[int], budget_gb: float | None) -> None:

@@ -138,7 +138,7 @@ def test_recomputed_steps_give_the_all_saved_scores(opt):
     run = lambda k: example_metagrads(model, ragged_examples(), recipe_for(opt, 7), metric, dtype=torch.float64, checkpoint_k=k)  # noqa: E731
     everything = run(7)
     assert everything.schedule["recomputed"] == 0
-    for k in (2, 3):
+    for k in (2, 3) if opt == "adamw" else (2,):  # SGD's records: test_recomputed_records_are_bitwise...
         res = run(k)
         assert rel_err(res.scores, everything.scores) <= 1e-12, k
         s = res.schedule

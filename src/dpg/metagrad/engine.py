@@ -75,10 +75,8 @@ def example_metagrads(
     parameters (names as in `model.named_parameters()`) to a scalar, higher is better; it
     may carry a `proxy(params) -> dict` for readable figures. `offload` says where each
     step's saved state waits for the reverse sweep: "cpu" (default), "disk" or "device";
-    `recipe.state_budget_gb` bounds how much of it is held at once (schedule.py: the steps
-    that do not fit are recomputed from checkpoints; same scores). `on_trained`, if given,
-    sees every parameter at θ_M (for logging, e.g. drawing the pattern the head now holds)
-    before the reverse sweep.
+    `recipe.state_budget_gb` bounds it (schedule.py: what does not fit is recomputed, same
+    scores). `on_trained`, if given, sees every parameter at θ_M before the reverse sweep.
 
     `group` (a torch.distributed process group, e.g. `dist.group.WORLD`): data-parallel.
     Every rank passes its own share of the examples (and weights); inner step t trains on
@@ -90,13 +88,11 @@ def example_metagrads(
     `hvp_microbatch_size`: examples per Hessian-vector-product pass (M > 1 only), which holds
     about twice a training pass's activations; None: `recipe.microbatch_size`. Only memory
     and speed depend on it, never the result. `checkpoint_k` forces the checkpoint tree's
-    branching (k ≥ M: every step saved); None: the fewest recomputed steps within the budget.
+    branching (k ≥ M: all saved); None: the fewest recomputed steps within the budget.
     """
     start = time.perf_counter()
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
-    if checkpoint_k is not None and checkpoint_k < 2:
-        raise DpgError(f"checkpoint_k must be at least 2, got {checkpoint_k}")
     store = StepStore(offload, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -138,6 +134,8 @@ def _schedule(
     group: dist.ProcessGroup | None, k: int | None,
 ) -> schedule.Plan:  # fmt: skip
     """The checkpoint schedule that fits the budget (the same on every rank), logged."""
+    if k is not None and k < 2:
+        raise DpgError(f"checkpoint_k must be at least 2, got {k}")
     unit = sum(p.numel() * p.element_size() for p in target.params.values())
     if recipe.state_budget_gb is not None:
         budget = int(recipe.state_budget_gb * 2**30)

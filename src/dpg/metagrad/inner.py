@@ -55,7 +55,8 @@ def _batch_grad(
     for j, mb in enumerate(step.microbatches):
         grads, ex_losses, hidden = batch_loss_grad(target, params, mb, step.size)
         total = grads if total is None else {k: total[k].add_(grads[k]) for k in total}
-        loss += (mb.weights * ex_losses).sum().double().cpu() / step.size
+        # summed where it is computed: one wait for the device per step, not per microbatch
+        loss = loss.to(ex_losses.device) + (mb.weights * ex_losses).sum().double() / step.size
         if stash_hidden:
             stash[str(j)] = hidden
         bar.update(1)
@@ -63,8 +64,8 @@ def _batch_grad(
         total = {k: torch.zeros_like(p) for k, p in params.items()}
     if group is not None:
         total = all_reduce_sum(total | {"\0loss": loss.to(next(iter(total.values())))}, group)
-        loss = total.pop("\0loss").double().cpu()
-    return total, float(loss), stash
+        loss = total.pop("\0loss").double()
+    return total, loss.item(), stash
 
 
 class ScheduledRun:
