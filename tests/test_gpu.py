@@ -73,3 +73,23 @@ def test_cuda_graph_sampler_matches_a_full_forward_pass(family, dtype):
                 assert diff.mean().item() < 2e-2 and diff.max().item() < 0.2, (round_, len(p), diff.tolist())
         with torch.no_grad():
             model.lm_head.weight.mul_(3.0)  # a stale bf16 copy would now be far off
+
+
+def test_cuda_recomputation_through_pooled_pinned_memory():
+    """Checkpoint trees on CUDA (states through pinned.py's pooled chunks and side stream, and
+    through disk) give the all-saved scores; a second call reuses the pool and agrees."""
+    model = tiny_model("gpt2", False).cuda()
+    recipe = Recipe(lr=1e-2, steps=7, batch_size=2)
+    metric = head_metric(model)
+
+    def run(k, offload="cpu"):
+        return example_metagrads(
+            model, ragged_examples(), recipe, metric, dtype=torch.float64, device="cuda", offload=offload,
+            checkpoint_k=k,
+        )
+
+    saved = run(7, "device").scores
+    for k, offload in [(2, "cpu"), (3, "cpu"), (2, "disk"), (2, "cpu")]:
+        res = run(k, offload)
+        assert rel_err(res.scores, saved) < 1e-10, (k, offload)  # CUDA atomics may reorder sums
+        assert res.schedule["recomputed"] > 0 and res.schedule["held_bytes"] == res.schedule["peak_bytes"]

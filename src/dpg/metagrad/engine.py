@@ -17,10 +17,10 @@ sweep is a single forward-mode pass, and parameters whose adjoint is zero carry 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dpg.errors import DpgError
-from dpg.metagrad import optim
-from dpg.metagrad.parallel import all_reduce_sum, summed
+from dpg.metagrad import optim, schedule
+from dpg.metagrad.inner import ScheduledRun, Step, train_step
+from dpg.metagrad.parallel import all_reduce_sum, smallest, summed
 from dpg.metagrad.records import (
     Examples,
     MetagradResult,
@@ -40,11 +41,9 @@ from dpg.metagrad.records import (
     check_metric_value,
     make_examples,
 )
-from dpg.metagrad.store import StepStore
+from dpg.metagrad.store import StepStore, free_bytes
 from dpg.metagrad.target import (
-    Microbatch,
     Target,
-    batch_loss_grad,
     head_tangent_scores,
     hvp_and_tangent_scores,
     make_microbatch,
@@ -59,6 +58,7 @@ __all__ = [  # the engine's records live in records.py; importable from here too
 
 Params = dict[str, Tensor]
 Metric = Callable[[Params], Tensor]
+log = logging.getLogger("dpg")
 
 
 def example_metagrads(
@@ -75,6 +75,7 @@ def example_metagrads(
     on_trained: Callable[[Params], None] | None = None,
     group: dist.ProcessGroup | None = None,
     hvp_microbatch_size: int | None = None,
+    checkpoint_k: int | None = None,
 ) -> MetagradResult:
     """Exact dΦ/dw_i for every example after the inner run `recipe` on `examples`.
 
@@ -82,9 +83,9 @@ def example_metagrads(
     its parameters with requires_grad are the ones trained. `metric` maps a dict of all
     parameters (names as in `model.named_parameters()`) to a scalar, higher is better; it
     may carry a `proxy(params) -> dict` for readable figures. `offload` says where each
-    step's saved state waits for the reverse sweep: "cpu" (default), "disk" or "device".
-    `on_trained`, if given, sees every parameter at θ_M (for logging, e.g. drawing the
-    pattern the head now holds) before the reverse sweep.
+    step's saved state waits for the reverse sweep: "cpu" (default), "disk" or "device";
+    `recipe.state_budget_gb` bounds it (schedule.py: what does not fit is recomputed, same
+    scores). `on_trained`, if given, sees every parameter at θ_M before the reverse sweep.
 
     `group` (a torch.distributed process group, e.g. `dist.group.WORLD`): data-parallel.
     Every rank passes its own share of the examples (and weights); inner step t trains on
@@ -95,48 +96,76 @@ def example_metagrads(
 
     `hvp_microbatch_size`: examples per Hessian-vector-product pass (M > 1 only), which holds
     about twice a training pass's activations; None: `recipe.microbatch_size`. Only memory
-    and speed depend on it, never the result.
+    and speed depend on it, never the result. `checkpoint_k` forces the checkpoint tree's
+    branching (k ≥ M: all saved); None: the fewest recomputed steps within the budget.
     """
     start = time.perf_counter()
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
-    check_hvp_microbatch_size(hvp_microbatch_size)
     store = StepStore(offload, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
     with prepared(model, dtype, device) as target:
-        plan, hvp_plan = _plans(examples, weights, recipe, hvp_microbatch_size, device, dtype, group)
-        total = sum(len(s.microbatches) for s in plan) + len(plan[0].microbatches)
-        total += sum(len(s.microbatches) for s in hvp_plan[1:])
+        opt = recipe.optimizer_record()
+        sched = _schedule(target, opt, recipe, offload, device, group, checkpoint_k)
+        plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
+        hvp_plan = _hvp_plan(plan, examples, weights, recipe, hvp_microbatch_size, device, dtype, group)
+        total = sum(len(plan[a[1] - 1].microbatches) for a in sched.actions if a[0] == "run")
+        total += len(plan[0].microbatches) + sum(len(s.microbatches) for s in hvp_plan[1:])
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
-            result = _metagrads(
-                target, plan, hvp_plan, recipe.optimizer_record(), metric, store, bar, timings, len(weights),
-                on_trained, group,
-            )  # fmt: skip
+            run = ScheduledRun(target, opt, plan, sched.actions, store, bar, timings, group=group)
+            result = _metagrads(target, run, hvp_plan, metric, timings, len(weights), on_trained)
     timings["total"] = time.perf_counter() - start
+    return _with_figures(result, timings, device, sched, store, recipe.steps)
+
+
+def _with_figures(result: MetagradResult, timings, device, sched, store: StepStore, steps: int) -> MetagradResult:
+    """The result with its timings, peak GPU memory and the schedule it ran (states held, steps rerun)."""
     result.timings = timings
     result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    result.schedule = sched._asdict() | {"recomputed": sched.runs - steps, "held_items": store.peak_items,
+                                        "held_bytes": store.peak_bytes}  # fmt: skip
+    del result.schedule["actions"]
     return result
 
 
-def _plans(
-    examples: Examples, weights: Tensor, recipe: Recipe, hvp_microbatch_size: int | None, device: torch.device,
+def _hvp_plan(
+    plan: list[Step], examples: Examples, weights: Tensor, recipe: Recipe, size: int | None, device: torch.device,
     dtype: torch.dtype, group: dist.ProcessGroup | None,
-) -> tuple[list[Step], list[Step]]:  # fmt: skip
-    """(the training passes' plan, the HVP passes' plan): the same steps and examples, the
-    HVP passes in microbatches of `hvp_microbatch_size` when given (only M > 1 has HVPs)."""
-    plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
-    if hvp_microbatch_size is None or recipe.steps == 1:
-        return plan, plan
-    finer = replace(recipe, microbatch_size=hvp_microbatch_size)
-    return plan, _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
+) -> list[Step]:  # fmt: skip
+    """The steps cut into microbatches of `size` for the Hessian-vector-product passes."""
+    check_hvp_microbatch_size(size)
+    if size is None or recipe.steps == 1:
+        return plan
+    finer = replace(recipe, microbatch_size=size)
+    return _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
+
+
+def _schedule(
+    target: Target, opt: optim.Optimizer, recipe: Recipe, offload: str, device: torch.device,
+    group: dist.ProcessGroup | None, k: int | None,
+) -> schedule.Plan:  # fmt: skip
+    """The checkpoint schedule that fits the budget (the same on every rank), logged."""
+    if k is not None and k < 2:
+        raise DpgError(f"checkpoint_k must be at least 2, got {k}")
+    unit = sum(p.numel() * p.element_size() for p in target.params.values())
+    if recipe.state_budget_gb is not None:
+        budget = int(recipe.state_budget_gb * 2**30)
+    else:
+        room = free_bytes(offload, device)
+        # rounded to 1 GiB so that repeated calls find their plan in choose's cache
+        budget = None if room is None else int(0.8 * room) // 2**30 * 2**30
+    if group is not None:
+        budget = None if budget is None else int(smallest(budget, group, device))
+    sched = schedule.choose(recipe.steps, isinstance(opt, optim.AdamW), unit, budget, k)
+    log.info("metagradient over M = %d steps: %s", recipe.steps, schedule.describe(sched, recipe.steps))
+    return sched
 
 
 def _metagrads(
-    target: Target, plan: list[Step], hvp_plan: list[Step], opt: optim.Optimizer, metric: Metric, store: StepStore,
-    bar: tqdm,
-    timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None, group: dist.ProcessGroup | None,
+    target: Target, run: ScheduledRun, hvp_plan: list[Step], metric: Metric, timings: dict[str, float], n: int,
+    on_trained: Callable[[Params], None] | None,
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
     try:
@@ -144,18 +173,18 @@ def _metagrads(
             # Φ(θ_0), and which parameters Φ reads: a metric on the (untied) LM head alone,
             # with M = 1, is scored from the training pass's own hidden states.
             phi0, support = _metric_probe(metric, target)
-        head_only = len(plan) == 1 and _head_only(target, support)
+        run.stash_hidden = len(run.plan) == 1 and _head_only(target, support)
         with _phase(timings, "train", device):
-            params, losses = _inner_run(target, opt, plan, bar, store, stash_hidden=head_only, group=group)
+            params, losses = run.forward()
         with _phase(timings, "metric", device):
             phi, adj, proxy = _metric_value_and_grad(metric, target, params)
         if on_trained is not None:
             on_trained({**target.frozen, **params})
         del params
         with _phase(timings, "reverse", device):
-            scores = _reverse_sweep(target, opt, plan, store, adj, n, bar, group, hvp_plan)
+            scores = _reverse_sweep(target, run, adj, n, hvp_plan)
     finally:
-        store.close()
+        run.store.close()
     return MetagradResult(scores.cpu(), phi, phi0, proxy, losses)
 
 
@@ -183,13 +212,12 @@ def fine_tune(
         plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
         total = sum(len(s.microbatches) for s in plan)
         with tqdm(total=total, disable=not progress, desc="train", unit="mb") as bar:
-            params, losses = _inner_run(target, recipe.optimizer_record(), plan, bar, None, group=group)
+            opt = recipe.optimizer_record()
+            params, state, losses = target.params, optim.init(opt, target.params), []
+            for step in plan:
+                params, state, _, loss, _ = train_step(target, opt, step, params, state, bar, group=group)
+                losses.append(loss)
     return TrainResult(params, losses)
-
-
-class Step(NamedTuple):
-    size: int  # |B_t|, the divisor of the batch loss
-    microbatches: list[Microbatch]
 
 
 def plan_steps(
@@ -229,52 +257,6 @@ def plan_steps(
     return plan
 
 
-def _inner_run(
-    target: Target,
-    opt: optim.Optimizer,
-    plan: list[Step],
-    bar: tqdm,
-    store: StepStore | None,
-    stash_hidden: bool = False,
-    group: dist.ProcessGroup | None = None,
-) -> tuple[Params, list[float]]:
-    """The M inner steps. With a store, save what each step's adjoint will need."""
-    params, state = target.params, optim.init(opt, target.params)
-    losses = []
-    for t, step in enumerate(plan, 1):
-        grads, loss, hidden = _batch_grad(target, params, step, bar, stash_hidden and t == 1, group)
-        new_params, new_state = optim.step(opt, params, state, grads)
-        if store is not None:
-            record = {"theta": params} if t > 1 else {}  # θ_0 is target.params, always at hand
-            if isinstance(opt, optim.AdamW):
-                record |= {"g": grads, "m": new_state.m, "v": new_state.v}
-            if hidden:
-                record["hidden"] = hidden
-            store.put(t, record, keep_on_device=(t == len(plan)))
-        params, state = new_params, new_state
-        losses.append(loss)
-    return params, losses
-
-
-def _batch_grad(
-    target: Target, params: Params, step: Step, bar: tqdm, stash_hidden: bool, group: dist.ProcessGroup | None
-) -> tuple[Params, float, dict[str, Tensor]]:
-    total, loss, stash = None, torch.zeros((), dtype=torch.float64), {}
-    for j, mb in enumerate(step.microbatches):
-        grads, ex_losses, hidden = batch_loss_grad(target, params, mb, step.size)
-        total = grads if total is None else {k: total[k].add_(grads[k]) for k in total}
-        loss += (mb.weights * ex_losses).sum().double().cpu() / step.size
-        if stash_hidden:
-            stash[str(j)] = hidden
-        bar.update(1)
-    if total is None:  # this rank holds no example of this step
-        total = {k: torch.zeros_like(p) for k, p in params.items()}
-    if group is not None:
-        total = all_reduce_sum(total | {"\0loss": loss.to(next(iter(total.values())))}, group)
-        loss = total.pop("\0loss").double().cpu()
-    return total, float(loss), stash
-
-
 def _metric_probe(metric: Metric, target: Target) -> tuple[float, set[str]]:
     """Φ(θ_0) and the trainable parameters Φ depends on, from the forward graph alone."""
     phi, leaves = _metric_forward(metric, target, target.params, "before the inner run")
@@ -303,7 +285,7 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
     adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
-        raise DpgError("the metric does not depend on any trainable weight of the target")
+        raise DpgError("the metric does not depend on any trainable parameter of the target")
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
     if bad:
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
@@ -312,14 +294,12 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     return phi.item(), adj, figures
 
 
-def _reverse_sweep(
-    target: Target, opt: optim.Optimizer, plan: list[Step], store: StepStore, adj: Params, n: int, bar: tqdm,
-    group: dist.ProcessGroup | None = None, hvp_plan: list[Step] | None = None,
-) -> Tensor:  # fmt: skip
+def _reverse_sweep(target: Target, run: ScheduledRun, adj: Params, n: int, hvp_plan: list[Step]) -> Tensor:
+    opt, plan, group = run.opt, run.plan, run.group
     scores = torch.zeros(n, dtype=torch.float64, device=next(iter(adj.values())).device)
     adj_state = None
-    for t in range(len(plan), 0, -1):
-        step, record = plan[t - 1], store.pop(t)
+    for t, record in run.reversed_records():
+        step = plan[t - 1]
         theta = record.get("theta", target.params)
         state_after = optim.AdamState(t, record["m"], record["v"]) if "m" in record else None
         gamma, adj_direct, adj_state = optim.step_adjoint(opt, state_after, record.get("g", {}), adj, adj_state)
@@ -332,14 +312,14 @@ def _reverse_sweep(
                 else:
                     dl = tangent_scores(target, theta, gamma, mb)
                 scores.index_add_(0, mb.index, dl.double() / step.size)
-                bar.update(1)
+                run.bar.update(1)
             break
         hv_sum = None
-        for mb in (hvp_plan or plan)[t - 1].microbatches:
+        for mb in hvp_plan[t - 1].microbatches:
             hv, dl = hvp_and_tangent_scores(target, theta, gamma, mb, step.size)
             hv_sum = hv if hv_sum is None else {k: hv_sum[k] + hv[k] for k in hv_sum}
             scores.index_add_(0, mb.index, dl.double() / step.size)
-            bar.update(1)
+            run.bar.update(1)
         if hv_sum is None:  # this rank holds no example of this step
             hv_sum = {k: torch.zeros_like(p) for k, p in theta.items()}
         if group is not None:

@@ -47,3 +47,12 @@ def all_reduce_sum(tensors: Params, group: dist.ProcessGroup) -> Params:
         out[k] = flat[offset : offset + size].view_as(tensors[k]).to(tensors[k].dtype)
         offset += size
     return out
+
+
+def smallest(x: float, group: dist.ProcessGroup | None, device: torch.device | None = None) -> float:
+    """The least of x over the group (every rank must plan the same schedule)."""
+    if group is None:
+        return x
+    moved = torch.tensor([x], dtype=torch.float64, device=comm_device(group, device))
+    dist.all_reduce(moved, op=dist.ReduceOp.MIN, group=group)
+    return moved.item()

@@ -22,7 +22,9 @@ class Recipe:
 
     Defaults are the paper's AdamW for GPT-2 targets. eps_root matters: it makes the first
     update linear, not sign-like, for gradients below ~√eps_root, which keeps the
-    metagradient well conditioned (see README, "Precision").
+    metagradient well conditioned (see README, "Precision"). state_budget_gb bounds the saved
+    step states where the engine's `offload` puts them (host memory, or disk); the steps that
+    do not fit are recomputed from checkpoints, with the same result (README, "Long inner runs").
     """
 
     optimizer: str = "adamw"  # "adamw" (optax form, decoupled weight decay) or "sgd"
@@ -35,6 +37,7 @@ class Recipe:
     steps: int = 1  # M, inner optimizer steps
     batch_size: int | None = None  # examples per step; None splits the N examples into M batches
     microbatch_size: int | None = None  # examples per forward pass; None: the whole batch
+    state_budget_gb: float | None = None  # saved step states held at once, GB (more: recomputed); none: 80 % of free
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "sgd"):
@@ -45,6 +48,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DpgError(f"recipe.{name} must be at least 1 or null, got {value}")
+        if self.state_budget_gb is not None and not self.state_budget_gb > 0:
+            raise DpgError(f"recipe.state_budget_gb must be positive or null, got {self.state_budget_gb}")
         if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
             raise DpgError(f"recipe.b1 and recipe.b2 must lie in [0, 1), got {self.b1}, {self.b2}")
         if self.eps < 0 or self.eps_root < 0 or (self.eps == 0 and self.eps_root == 0 and self.optimizer == "adamw"):
@@ -91,8 +96,10 @@ class MetagradResult:
     metric_before: float  # Φ(θ_0), before the inner run
     proxy: dict[str, float] = field(default_factory=dict)  # readable companions of Φ (accuracy, norm, ...)
     losses: list[float] = field(default_factory=list)  # weighted batch loss L_t at each inner step
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: train, metric, reverse, total
+    # seconds: train, metric, reverse (of it, replay: recomputed steps), total
+    timings: dict[str, float] = field(default_factory=dict)
     peak_memory: int | None = None  # bytes on the CUDA device; None on CPU
+    schedule: dict = field(default_factory=dict)  # k, levels, runs, recomputed, peak_* (bound), held_* (seen)
 
 
 class TrainResult(NamedTuple):

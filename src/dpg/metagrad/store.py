@@ -1,23 +1,26 @@
-"""Where each inner step's saved tensors wait for the reverse sweep.
+"""Where the saved step states wait for the reverse sweep.
 
-The forward run produces, per step t, what step t's adjoint needs (θ_{t−1}, and for AdamW
-g_t, m_t, v_t). Keeping them on the GPU would make memory grow with M, so by default they
-go to CPU memory (pinned, copied asynchronously) or, for long runs on big models, to disk.
-The last step's tensors are used first by the reverse sweep and stay where they are.
+The forward run (and any recomputation, see schedule.py) produces records (θ_{t−1}, and
+for AdamW g_t, m_t, v_t: what step t's adjoint needs) and checkpoint states (θ_t, m_t, v_t).
+Keeping them on the GPU would make memory grow with M, so by default they go to CPU memory
+(pooled pinned chunks, copied on a side stream: pinned.py) or, for long runs on big models,
+to disk. The store counts what it holds, so the schedule's bound can be checked.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from dpg.errors import DpgError
+from dpg.metagrad import pinned
 
-Record = dict[str, dict[str, Tensor]]  # group ("theta", "g", "m", "v") -> name -> tensor
+Record = dict[str, dict[str, torch.Tensor]]  # group ("theta", "g", "m", "v") -> name -> tensor
+Key = tuple[str, int]  # ("record", t) or ("state", t)
 
 OFFLOAD_CHOICES = ("cpu", "disk", "device")
 
@@ -27,51 +30,79 @@ class StepStore:
         if where not in OFFLOAD_CHOICES:
             raise DpgError(f"offload must be one of {OFFLOAD_CHOICES}, got {where!r}")
         self.where, self.device = where, device
-        self._held: dict[int, Record] = {}
-        self._on_disk: set[int] = set()
+        # On a CUDA device with offload "cpu", copies go through pooled pinned memory.
+        self._pinned = where == "cpu" and device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self._pinned else None
+        self._held: dict[Key, Record | pinned.HostCopy] = {}
+        self._bytes: dict[Key, int] = {}
         self._dir: tempfile.TemporaryDirectory | None = None
+        self.peak_items = 0  # most items held at once
+        self.peak_bytes = 0  # most bytes held at once (tensor bytes, wherever they are)
 
-    def put(self, t: int, record: Record, *, keep_on_device: bool = False) -> None:
-        if keep_on_device or self.where == "device" or (self.where == "cpu" and self.device.type == "cpu"):
-            # The engine never writes into these tensors, so holding references is safe.
-            self._held[t] = record
-        elif self.where == "cpu":
-            pinned = self.device.type == "cuda"
-            self._held[t] = {
-                group: {k: _to_host(x, pinned) for k, x in tensors.items()} for group, tensors in record.items()
-            }
-        else:
+    def put(self, key: Key, record: Record) -> None:
+        if self._pinned:
+            self._held[key] = pinned.to_host(record, self._stream)
+        elif self.where == "disk":
             if self._dir is None:
                 self._dir = tempfile.TemporaryDirectory(prefix="dpg-metagrad-")
             flat = {f"{group}/{k}": x.contiguous() for group, tensors in record.items() for k, x in tensors.items()}
-            save_file(flat, os.path.join(self._dir.name, f"step{t}.safetensors"))
-            self._on_disk.add(t)
+            save_file(flat, self._path(key))
+            self._held[key] = {}
+        else:  # "device", or "cpu" with the device being the CPU: the engine never writes into these
+            self._held[key] = record
+        self._bytes[key] = sum(x.nbytes for tensors in record.values() for x in tensors.values())
+        self.peak_items = max(self.peak_items, len(self._held))
+        self.peak_bytes = max(self.peak_bytes, sum(self._bytes.values()))
 
-    def pop(self, t: int) -> Record:
-        if t in self._on_disk:
-            self._on_disk.remove(t)
-            path = os.path.join(self._dir.name, f"step{t}.safetensors")
+    def get(self, key: Key) -> Record:
+        """The saved tensors on the device; the store keeps them."""
+        item = self._held[key]
+        if self._pinned:
+            return pinned.to_device(item, self.device)
+        if self.where == "disk":
             record: Record = {}
-            for key, x in load_file(path, device=str(self.device)).items():
-                group, name = key.split("/", 1)
-                record.setdefault(group, {})[name] = x
-            os.remove(path)
+            for name, x in load_file(self._path(key), device=str(self.device)).items():
+                group, k = name.split("/", 1)
+                # On the CPU, a fresh (aligned) copy: vectorised kernels may round differently on
+                # the loaded buffer's odd alignment, and a recomputed step must match bit for bit.
+                record.setdefault(group, {})[k] = x.clone() if self.device.type == "cpu" else x
             return record
-        record = self._held.pop(t)
-        return {
-            group: {k: x.to(self.device, non_blocking=True) for k, x in tensors.items()}
-            for group, tensors in record.items()
-        }
+        return {group: {k: x.to(self.device) for k, x in tensors.items()} for group, tensors in item.items()}
+
+    def pop(self, key: Key) -> Record:
+        record = self.get(key)
+        self.drop(key)
+        return record
+
+    def drop(self, key: Key) -> None:
+        item = self._held.pop(key)
+        del self._bytes[key]
+        if self._pinned:
+            pinned.release(item, self.device)
+        elif self.where == "disk":
+            os.remove(self._path(key))
 
     def close(self) -> None:
-        self._held.clear()
-        self._on_disk.clear()
+        for key in list(self._held):
+            self.drop(key)
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
 
+    def _path(self, key: Key) -> str:
+        return os.path.join(self._dir.name, f"{key[0]}{key[1]}.safetensors")
 
-def _to_host(x: Tensor, pinned: bool) -> Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pinned)
-    out.copy_(x, non_blocking=pinned)
-    return out
+
+def free_bytes(where: str, device: torch.device) -> int | None:
+    """Room for saved states where `where` puts them: available host memory ("cpu"), free space
+    in the temporary directory ("disk"); None where unknown or unbounded by design ("device")."""
+    if where == "disk":
+        return shutil.disk_usage(tempfile.gettempdir()).free
+    if where == "device":
+        return None
+    try:  # Linux: MemAvailable counts the page cache that can be dropped
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
