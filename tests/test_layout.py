@@ -94,3 +94,20 @@ def test_shared_pieces_live_in_their_rooms():
     assert {"TrainConfig", "GRPOSettings", "RewardConfig", "EvaluateSettings", "LoraSettings"} <= defined["dpg.config"]
     for name in MODULES.keys() - {"dpg.runtime", "dpg.data", "dpg.config"}:
         assert not defined[name] & {"resolve_device", "resolve_dtype", "load_prompts", "as_chat", "TrainConfig"}, name
+
+
+def long_functions(limit: int = 60) -> list[str]:
+    """Every function of src/ longer than `limit` lines (its def line to its last line)."""
+    found = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{name}.{node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_over_60_lines():
+    assert not long_functions(), f"split these: {long_functions()}"
+    assert long_functions(limit=30)  # the reader measures: some functions are over 30 lines

@@ -127,6 +127,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    """A bool, int, float or str config value, checked (YAML's own types, strictly)."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -64,6 +64,57 @@ def standardize(raw: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     return centred / std if std > 0 else centred
 
 
+class BatchShare:
+    """How one generated batch is spread over the processes of a data-parallel run: the
+    distributed plumbing of InnerRunReward, apart from the scoring.
+
+    Cross-group batching (one inner run) or no process group: every rank runs the same inner
+    runs data-parallel on its own completions (`engine_group` = the process group). Inverse
+    groups across processes (`shared_out`): every rank sees the whole batch (TRL hands rank r
+    the r-th contiguous slice, so the ranks' lists in order are the batch), runs every
+    world-th inner run alone, and the raw rewards are summed over the ranks.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, cross_group_batching: bool):
+        self.group = group
+        self.shared_out = group is not None and not cross_group_batching
+        self.engine_group = None if self.shared_out else group  # the group each inner run spans
+        self.mine = slice(0, 0)  # this process's completions within the batch (set by gather)
+
+    def gather(self, texts: list[str]) -> list[str]:
+        """The texts this rank scores: its own, or the whole batch when shared out."""
+        self.mine = slice(0, len(texts))
+        if not self.shared_out:
+            return texts
+        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather_object(gathered, texts, group=self.group)
+        before = sum(len(t) for t in gathered[: dist.get_rank(self.group)])
+        self.mine = slice(before, before + len(texts))
+        return [t for part in gathered for t in part]
+
+    def my_runs(self, runs: list[Tensor]) -> list[Tensor]:
+        """The inner runs this rank computes."""
+        if not self.shared_out:
+            return runs
+        return runs[dist.get_rank(self.group) :: dist.get_world_size(self.group)]
+
+    def combine(self, raw: Tensor, figures: list[dict[str, float]]) -> tuple[Tensor, list[dict[str, float]]]:
+        """Every rank's raw rewards and per-run figures, when shared out (each completion was
+        scored by exactly one rank, the others hold zeros for it)."""
+        if not self.shared_out:
+            return raw, figures
+        everyone: list[list[dict[str, float]]] = [[] for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather_object(everyone, figures, group=self.group)
+        return summed(raw, self.group), [f for part in everyone for f in part]
+
+    def rewards(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """(standardised rewards, raw rewards) of this rank's own completions; the mean and
+        std are those of the whole batch."""
+        if self.shared_out:  # the whole batch is here: standardise, then slice
+            return standardize(raw)[self.mine], raw[self.mine]
+        return standardize(raw, self.group), raw
+
+
 class InnerRunReward:
     """A TRL reward: fine-tune the target on the completions, score with Φ.
 
@@ -96,13 +147,11 @@ class InnerRunReward:
                 "the naive reward needs reward.cross_group_batching: false (inverse groups): one inner run "
                 "for the whole batch gives every completion the same reward and every advantage zero"
             )
+        self.kind = kind  # metagrad | naive: how an inner run scores its completions
         self.__name__ = kind  # TRL names the reward's logs after it
         self.target, self.tokenizer, self.metric, self.recipe = target, tokenizer, metric, recipe
-        self.max_length, self.cross_group_batching, self.num_generations = (
-            max_length,
-            cross_group_batching,
-            num_generations,
-        )
+        self.max_length, self.num_generations = max_length, num_generations
+        self.cross_group_batching = cross_group_batching
         self.dtype, self.device, self.offload = dtype, device, offload
         self.steps_per_batch = steps_per_batch  # optimizer steps per generated batch: errors name dpg's step
         self.hvp_microbatch_size = hvp_microbatch_size  # examples per Hessian-vector-product pass (M > 1)
@@ -114,62 +163,44 @@ class InnerRunReward:
         # The step in progress, numbered as dpg train logs it (1, 2, ...: one per generated batch).
         step = (state.global_step // self.steps_per_batch if state is not None else len(self.history)) + 1
         start = time.perf_counter()
-        texts = [completion_text(c) for c in completions]
-        group = data_parallel_group()
-        mine = slice(0, len(texts))  # this process's completions within the batch
-        shared_out = group is not None and not self.cross_group_batching
-        if shared_out:
-            # Inverse groups across processes: every rank sees the whole batch (TRL hands rank r
-            # the r-th contiguous slice, so the ranks' lists in order are the batch), runs every
-            # world-th inner run on its own, and the raw rewards are summed over the ranks.
-            gathered: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
-            dist.all_gather_object(gathered, texts, group=group)
-            before = sum(len(t) for t in gathered[: dist.get_rank(group)])
-            mine, texts = slice(before, before + len(texts)), [t for part in gathered for t in part]
+        share = BatchShare(data_parallel_group(), self.cross_group_batching)
+        texts = share.gather([completion_text(c) for c in completions])
         examples = encode_texts(self.tokenizer, texts, self.max_length)
         n = len(texts)
-        groups = [torch.arange(n)] if self.cross_group_batching else inverse_groups(n, self.num_generations)
-        runs, engine_group = groups, group  # data-parallel inner runs: the same runs on every rank
-        if shared_out:  # each rank runs its share of the runs alone
-            runs, engine_group = groups[dist.get_rank(group) :: dist.get_world_size(group)], None
-        raw = torch.zeros(n, dtype=torch.float64)
-        figures: list[dict[str, float]] = []
-        score = self._metagrad if self.__name__ == "metagrad" else self._naive
-        for idx in runs:
-            try:
-                raw[idx], row = score(select(examples, idx), engine_group)
-            except DpgError as err:
-                raise DpgError(f"step {step}: the {self.__name__} reward failed: {err}") from err
-            figures.append(row)
-        if shared_out:
-            raw = summed(raw, group)  # each completion was scored by exactly one rank
-            everyone: list[list[dict[str, float]]] = [[] for _ in range(dist.get_world_size(group))]
-            dist.all_gather_object(everyone, figures, group=group)
-            figures = [f for part in everyone for f in part]
+        runs = [torch.arange(n)] if self.cross_group_batching else inverse_groups(n, self.num_generations)
+        raw, figures = share.combine(*self.score(examples, share.my_runs(runs), share.engine_group, step))
         if not torch.isfinite(raw).all():
             bad = (~torch.isfinite(raw)).nonzero().flatten().tolist()
-            raise DpgError(f"step {step}: the {self.__name__} reward is not finite for completions {bad[:5]}")
-        if shared_out:
-            rewards, raw = standardize(raw)[mine], raw[mine]  # the whole batch is here: standardise, then slice
-        else:
-            rewards = standardize(raw, group)
+            raise DpgError(f"step {step}: the {self.kind} reward is not finite for completions {bad[:5]}")
+        rewards, raw = share.rewards(raw)
         row = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}  # mean over inner runs
         row |= {
-            "step": step,
-            "raw_mean": raw.mean().item(),
-            "raw_std": raw.std().item() if len(raw) > 1 else 0.0,
-            "raw_min": raw.min().item(),
-            "raw_max": raw.max().item(),
-            "inner_runs": len(groups),
+            "step": step, "raw_mean": raw.mean().item(), "raw_std": raw.std().item() if len(raw) > 1 else 0.0,
+            "raw_min": raw.min().item(), "raw_max": raw.max().item(), "inner_runs": len(runs),
             "target_tokens": float(examples.attention_mask.sum(1).double().mean()),
             "seconds": time.perf_counter() - start,
-        }
+        }  # fmt: skip
         self.history.append(row)
         log = kwargs.get("log_metric")
         if callable(log):
             for key in ("phi", *[k for k in row if k.startswith("proxy/")], "raw_std", "seconds"):
                 log(f"dpg/{key}", row[key])
         return rewards.tolist()
+
+    def score(
+        self, examples: Examples, runs: list[Tensor], group: dist.ProcessGroup | None, step: int
+    ) -> tuple[Tensor, list[dict[str, float]]]:
+        """Raw rewards (zero for completions outside `runs`) and one row of figures per inner run."""
+        raw = torch.zeros(len(examples.input_ids), dtype=torch.float64)
+        figures: list[dict[str, float]] = []
+        score = self._metagrad if self.kind == "metagrad" else self._naive
+        for idx in runs:
+            try:
+                raw[idx], row = score(select(examples, idx), group)
+            except DpgError as err:
+                raise DpgError(f"step {step}: the {self.kind} reward failed: {err}") from err
+            figures.append(row)
+        return raw, figures
 
     def _metagrad(self, examples: Examples, group: dist.ProcessGroup | None) -> tuple[Tensor, dict[str, float]]:
         res = example_metagrads(

@@ -1,6 +1,9 @@
-"""Where and in what precision dpg computes: the `device` and `dtype` keys of every command."""
+"""Where and in what precision dpg computes: the `device` and `dtype` keys of every command,
+and the device of each process of a multi-GPU run."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -26,3 +29,14 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise DpgError(f"dtype must be float32 or float64 (metagradients in bf16 are wrong), got {name!r}")
     return dtypes[name]
+
+
+def process_device(name: str) -> tuple[torch.device, bool]:
+    """(this process's device, whether it is the main process). Under `accelerate launch` or
+    torchrun each process takes the GPU of its LOCAL_RANK; only rank 0 writes files and prints."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device, int(os.environ.get("RANK", "0")) == 0

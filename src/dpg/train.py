@@ -24,7 +24,7 @@ from dpg.data import as_chat, ascii_only, load_prompts, read_texts
 from dpg.errors import DpgError
 from dpg.metrics import build_metric
 from dpg.models import load
-from dpg.runtime import resolve_device, resolve_dtype
+from dpg.runtime import process_device, resolve_dtype
 
 
 def build_reward(cfg: TrainConfig, target, target_tok, device, dtype, steps_per_batch: int = 1):
@@ -102,81 +102,112 @@ def lora_config(cfg: LoraSettings):
 
 def run_train(cfg: TrainConfig) -> Path:
     """Train; return the directory of the final generator (a standard HF model directory)."""
+    from dpg.safety import check_run, check_settings
+
+    check_settings(cfg)  # counts and sizes, before anything loads
+    device, main = process_device(cfg.device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    generator, generator_tok, prompts = load_generator(cfg)
+    args = grpo_config(cfg, device, generator_tok)
+    target, target_tok = load(cfg.target, device=device)
+    reward = build_reward(cfg, target, target_tok, device, resolve_dtype(cfg.dtype), steps_per_batch=args.logging_steps)
+    check_run(cfg, prompts, generator, generator_tok, target, getattr(reward, "metric", None))  # before any compute
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
+    if cfg.grpo.beta:
+        give_reference_a_directory(generator, generator_tok, out, main)
+    trainer, log = build_trainer(cfg, args, generator, generator_tok, reward, prompts, main)
+    start = time.perf_counter()
+    train_or_restore(trainer, log, cfg, args, main)
+    summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "last": log.last_row}
+    return save_generator(trainer, generator_tok, out, summary, main)
+
+
+def load_generator(cfg: TrainConfig):
+    """(generator on the CPU, its tokenizer, the training prompts as the trainer takes them).
+    TRL / accelerate move the generator to its device."""
+    train_prompts, _ = load_prompts(cfg.prompts)
+    generator, generator_tok = load(cfg.generator, device="cpu")
+    generator.train()
+    if cfg.prompts.chat and not getattr(generator_tok, "chat_template", None):
+        raise DpgError(f"prompts.chat is true but the generator {cfg.generator.model!r} has no chat template")
+    return generator, generator_tok, as_chat(train_prompts, cfg.prompts.chat)
+
+
+def give_reference_a_directory(generator, generator_tok, out: Path, main: bool) -> None:
+    """TRL loads the KL reference model (grpo.beta > 0) with from_pretrained(config._name_or_path):
+    an in-memory generator (a preset) is saved once and pointed at, so that call finds it."""
     from accelerate import PartialState
+
+    if Path(generator.config._name_or_path or "").is_dir():
+        return
+    base = out / "base_generator"
+    if main:
+        generator.save_pretrained(base)
+        generator_tok.save_pretrained(base)
+    PartialState().wait_for_everyone()
+    generator.config._name_or_path = str(base)
+
+
+def build_trainer(cfg: TrainConfig, args, generator, generator_tok, reward, prompts: list, main: bool):
+    """TRL's GRPOTrainer with dpg's callbacks: the run log, the finite guard, the checkpoint seal."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
     from trl import GRPOTrainer
 
-    from dpg.report import GenerationTimer, RunLog, read_rows
-    from dpg.safety import CheckpointSeal, FiniteGuard, check_run, check_settings, last_complete_checkpoint
+    from dpg.report import GenerationTimer, RunLog
+    from dpg.safety import CheckpointSeal, FiniteGuard
 
-    check_settings(cfg)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", local_rank)  # accelerate launch / torchrun: one GPU per process
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    main = rank == 0  # only the first process writes files and prints
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-
-    # Everything that can be checked is checked before any model runs (dpg.safety.check_run).
-    train_prompts, _ = load_prompts(cfg.prompts)
-    generator, generator_tok = load(cfg.generator, device="cpu")  # TRL / accelerate place it
-    generator.train()
-    if cfg.prompts.chat and not getattr(generator_tok, "chat_template", None):
-        raise DpgError(f"prompts.chat is true but the generator {cfg.generator.model!r} has no chat template")
-    args = grpo_config(cfg, device, generator_tok)
-    target, target_tok = load(cfg.target, device=device)
-    reward = build_reward(cfg, target, target_tok, device, dtype, steps_per_batch=args.logging_steps)
-    prompts = as_chat(train_prompts, cfg.prompts.chat)
-    check_run(cfg, prompts, generator, generator_tok, target, getattr(reward, "metric", None))
-    if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
-
-    if cfg.grpo.beta and not Path(generator.config._name_or_path or "").is_dir():
-        # TRL loads the KL reference model with from_pretrained(config._name_or_path): give an
-        # in-memory generator (a preset) a directory to be loaded from.
-        base = out / "base_generator"
-        if main:
-            generator.save_pretrained(base)
-            generator_tok.save_pretrained(base)
-        PartialState().wait_for_everyone()
-        generator.config._name_or_path = str(base)
     timer = GenerationTimer(generator)  # TRL reports its own timings only to W&B / MLflow
-    log = RunLog(out, reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps, png_every=cfg.grpo.png_every,
-                 enabled=main)  # fmt: skip
+    log = RunLog(
+        Path(cfg.output_dir), reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps,
+        png_every=cfg.grpo.png_every, enabled=main,
+    )  # fmt: skip
     trainer = GRPOTrainer(
-        model=generator,
-        reward_funcs=[reward],
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=generator_tok,
-        peft_config=lora_config(cfg.lora),
+        model=generator, reward_funcs=[reward], args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=generator_tok, peft_config=lora_config(cfg.lora),
         callbacks=[log, FiniteGuard(args.logging_steps), CheckpointSeal()],
-    )
+    )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # RunLog prints one readable line per step instead
     hf_logging.disable_progress_bar()  # no bars for writing shards at every checkpoint
-    # A checkpoint counts once sealed: a run killed while writing one resumes from the one before.
-    resume_from = last_complete_checkpoint(out) if cfg.resume else None
+    return trainer, log
+
+
+def train_or_restore(trainer, log, cfg: TrainConfig, args, main: bool) -> None:
+    """Train from the last sealed checkpoint (or from the start). A checkpoint counts once
+    sealed: a run killed while writing one resumes from the one before."""
+    from accelerate import PartialState
+
+    from dpg.report import read_rows
+    from dpg.safety import last_complete_checkpoint
+
+    resume_from = last_complete_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if resume_from and main:
         print(f"resuming from {resume_from}")
     PartialState().wait_for_everyone()  # every process has seen the checkpoints before rank 0 trims the log
     done = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
     log.resume(done)  # later rows will be redone
-    start = time.perf_counter()
-    if done >= args.max_steps:
-        # Every step is in the checkpoint (a run that stopped after its last save): training
-        # on would take one step too many, so only the generator is restored and saved.
-        if main:
-            print(f"{resume_from} holds all {cfg.grpo.steps} steps: saving its generator")
-        trainer._load_from_checkpoint(str(resume_from))
-        log.last_row = (read_rows(log.path) or [{}])[-1] if log.path.exists() else {}
-    else:
+    if done < args.max_steps:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        return
+    # Every step is in the checkpoint (a run that stopped after its last save): training on
+    # would take one step too many, so only the generator is restored. The one private call
+    # of TRL / transformers in dpg, on purpose: `_load_from_checkpoint` is the very loader
+    # that `train(resume_from_checkpoint=...)` runs, so the generator comes back exactly as
+    # a resumed run would have it (full, sharded or peft-adapter checkpoints alike); trl is
+    # pinned in pyproject.toml, and tests/test_train.py checks the restored weights bitwise.
+    if main:
+        print(f"{resume_from} holds all {cfg.grpo.steps} steps: saving its generator")
+    trainer._load_from_checkpoint(str(resume_from))
+    log.last_row = (read_rows(log.path) or [{}])[-1] if log.path.exists() else {}
+
+
+def save_generator(trainer, generator_tok, out: Path, summary: dict, main: bool) -> Path:
+    """The final generator as a plain HF model directory (LoRA merged), and train_summary.json."""
+    from accelerate import PartialState
 
     final = out / "generator"
     if main:
@@ -185,7 +216,6 @@ def run_train(cfg: TrainConfig) -> Path:
             model = model.merge_and_unload()
         model.save_pretrained(final)
         generator_tok.save_pretrained(final)
-        summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "last": log.last_row}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
         print(f"generator saved to {final}")
     PartialState().wait_for_everyone()
