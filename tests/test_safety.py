@@ -213,7 +213,7 @@ def no_training(monkeypatch):
         (["metric.name=test_safety:metric_reads_lm_head", "target.tie_word_embeddings=true"],
          "does not fit the target: KeyError: 'lm_head.weight'"),
         (["metric.name=test_safety:metric_not_scalar"], "must return a scalar tensor"),
-        (["metric.name=test_safety:metric_constant"], "does not depend on any weight"),
+        (["metric.name=test_safety:metric_constant"], "does not depend on any trainable weight"),
         (["metric.name=test_safety:metric_nan"], "not finite on the target's initial weights"),
         (["reward.max_length=1000"], "reward.max_length = 1000 is over the target's position limit of 256"),
         (["metric.name=lm_loss", "metric.texts=[hello]", "metric.max_length=300"], "metric.max_length = 300 is over"),

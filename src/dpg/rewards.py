@@ -37,6 +37,7 @@ from dpg.data import completion_text, encode_texts
 from dpg.errors import DpgError
 from dpg.metagrad.parallel import data_parallel_group, summed
 from dpg.metagrad.engine import Examples, Recipe, example_metagrads, fine_tune
+from dpg.metagrad.records import check_metric_value
 
 
 def inverse_groups(n: int, num_generations: int) -> list[Tensor]:
@@ -221,8 +222,7 @@ class InnerRunReward:
         everything = {k: p.detach().to(device) for k, p in self.target.named_parameters()} | trained
         with torch.no_grad():
             phi = self.metric(everything)
-        if not torch.isfinite(phi):
-            raise DpgError(f"the metric is not finite after the inner run (Φ = {phi.item()})")
+        check_metric_value(phi, "the metric", "after the inner run", needs_grad=False)
         self._decode(everything)
         proxy_fn = getattr(self.metric, "proxy", None)
         row = {"phi": phi.item()} | (

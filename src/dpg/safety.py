@@ -30,14 +30,9 @@ import torch
 from transformers import TrainerCallback
 
 from dpg.errors import DpgError
+from dpg.metagrad.records import check_hvp_microbatch_size, check_metric_value, position_limit
 
 SEAL = "dpg_complete"  # in a checkpoint folder: every file of it was written and synced
-
-
-def position_limit(model) -> int | None:
-    """The longest sequence the model's position embeddings allow (None: no declared limit)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def check_settings(cfg) -> None:
@@ -51,13 +46,15 @@ def check_settings(cfg) -> None:
         "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
         "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
         "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
-        "reward.hvp_microbatch_size": (cfg.reward.hvp_microbatch_size, 1),
     }  # fmt: skip
     for key, (value, low) in least.items():
         if value is not None and value < low:
             raise DpgError(f"{key} must be at least {low}, got {value}")
     if g.temperature <= 0:
         raise DpgError(f"grpo.temperature must be positive, got {g.temperature}")
+    if g.allowed_tokens not in ("all", "ascii"):
+        raise DpgError(f"grpo.allowed_tokens must be 'all' or 'ascii', got {g.allowed_tokens!r}")
+    check_hvp_microbatch_size(cfg.reward.hvp_microbatch_size, "reward.hvp_microbatch_size")
 
 
 def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> None:
@@ -105,14 +102,7 @@ def probe_metric(metric, target, name: str) -> float:
         raise
     except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as err:
         raise DpgError(f"metric {name!r} does not fit the target: {type(err).__name__}: {err}") from err
-    if not isinstance(phi, torch.Tensor) or phi.numel() != 1:
-        raise DpgError(
-            f"metric {name!r} must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}"
-        )
-    if not torch.isfinite(phi):
-        raise DpgError(f"metric {name!r} is not finite on the target's initial weights: Φ = {phi.item()}")
-    if not phi.requires_grad:
-        raise DpgError(f"metric {name!r} does not depend on any weight of the target")
+    check_metric_value(phi, f"metric {name!r}", "on the target's initial weights")
     return phi.item()
 
 

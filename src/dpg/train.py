@@ -78,8 +78,6 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
         save_strategy="steps" if g.save_every else "no", save_steps=max(g.save_every, 1) * per_step,
         generation_kwargs={"suppress_tokens": ascii_only(generator_tok)} if g.allowed_tokens == "ascii" else None,
     )  # fmt: skip
-    if g.allowed_tokens not in ("all", "ascii"):
-        raise DpgError(f"grpo.allowed_tokens must be 'all' or 'ascii', got {g.allowed_tokens!r}")
     kwargs |= g.extra
     try:
         return GRPOConfig(**kwargs)

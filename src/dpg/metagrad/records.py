@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +142,7 @@ def check_inputs(model: nn.Module, examples: Examples, recipe: Recipe, weights: 
             f"token id {bad} is outside the target's vocabulary of {vocab}: were the examples tokenized "
             "with another model's tokenizer?"
         )
-    limit = _max_positions(model)
+    limit = position_limit(model)
     if limit is not None and int(lengths.max()) > limit:
         raise DpgError(f"an example has {int(lengths.max())} tokens, more than the target's limit of {limit}")
     if recipe.batch_size is None and recipe.steps > n:
@@ -169,6 +169,24 @@ def _vocab_size(model: nn.Module) -> int:
     return emb.num_embeddings
 
 
-def _max_positions(model: nn.Module) -> int | None:
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: no declared limit)."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_hvp_microbatch_size(size: int | None, key: str = "hvp_microbatch_size") -> None:
+    """Examples per Hessian-vector-product pass: none (the recipe's microbatches) or at least 1."""
+    if size is not None and size < 1:
+        raise DpgError(f"{key} must be at least 1, got {size}")
+
+
+def check_metric_value(phi: Any, name: str = "the metric", when: str = "", needs_grad: bool = True) -> None:
+    """Φ as the engine needs it: a finite scalar tensor that (when `needs_grad`) depends on
+    the weights it was given. `name` and `when` go into the error ("metric 'l2'", "after the inner run")."""
+    if not isinstance(phi, Tensor) or phi.numel() != 1:
+        raise DpgError(f"{name} must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}")
+    if not torch.isfinite(phi):
+        raise DpgError(f"{name} is not finite{' ' + when if when else ''}: Φ = {phi.item()}")
+    if needs_grad and not phi.requires_grad:
+        raise DpgError(f"{name} does not depend on any trainable weight of the target")
