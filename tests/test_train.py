@@ -137,6 +137,22 @@ def test_grpo_config_maps_steps_and_batches():
     assert args.beta == 0.0 and args.num_generations == 4 and args.num_iterations == 3
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ("{max_steps: 5}", r"grpo.extra may not set max_steps, which dpg computes \(set instead: max_steps: grpo.steps\)"),
+        ("{logging_steps: 1, per_device_train_batch_size: 2}", r"may not set logging_steps, per_device_train_batch_size"),
+        ("{save_steps: 3}", r"save_steps: grpo.save_every"),
+    ],
+)
+def test_grpo_extra_refuses_what_dpg_computes(extra, message):
+    cfg = load_config(TrainConfig, None, [f"grpo.extra={extra}"])
+    with pytest.raises(DpgError, match=message):
+        grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
+    passed = grpo_config(load_config(TrainConfig, None, ["grpo.extra={top_p: 0.5}"]), torch.device("cpu"), byte_tokenizer())
+    assert passed.top_p == 0.5  # any other GRPOConfig field goes through
+
+
 def test_lora_generator_is_saved_merged(tmp_path):
     cfg = tiny(tmp_path, "grpo.steps=1", "grpo.save_every=0", "lora.r=4", "lora.target_modules=c_attn,c_proj")
     final = run_train(cfg)

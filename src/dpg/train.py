@@ -56,10 +56,38 @@ def build_reward(cfg: TrainConfig, target, target_tok, device, dtype, steps_per_
     )
 
 
+# GRPOConfig fields that dpg computes from its own keys, and the key to set instead. Step
+# numbering, the finite guard, checkpoints and resume all rely on these values, so
+# grpo.extra may not override them.
+COMPUTED = {
+    "output_dir": "output_dir", "seed": "seed", "use_cpu": "device",
+    "bf16": "none: dpg trains the generator in fp32", "fp16": "none: dpg trains the generator in fp32",
+    "learning_rate": "grpo.learning_rate", "lr_scheduler_type": "grpo.lr_schedule", "max_steps": "grpo.steps",
+    "num_train_epochs": "grpo.steps", "per_device_train_batch_size": "grpo.prompts_per_step and grpo.updates_per_step",
+    "gradient_accumulation_steps": "grpo.updates_per_step", "steps_per_generation": "grpo.updates_per_step",
+    "generation_batch_size": "grpo.prompts_per_step", "num_generations": "grpo.num_generations",
+    "temperature": "grpo.temperature", "max_completion_length": "grpo.max_completion_length",
+    "num_iterations": "grpo.num_iterations", "epsilon": "grpo.epsilon", "beta": "grpo.beta",
+    "loss_type": "grpo.loss_type", "scale_rewards": "grpo.scale_rewards", "report_to": "grpo.report_to",
+    "logging_steps": "none: one log row per generated batch", "logging_strategy": "none: as logging_steps",
+    "save_strategy": "grpo.save_every", "save_steps": "grpo.save_every", "disable_tqdm": "none: one console line per step",
+    "generation_kwargs": "grpo.allowed_tokens",
+}  # fmt: skip
+
+
+def check_extra(extra: dict) -> None:
+    """grpo.extra passes other GRPOConfig fields through; those dpg computes are refused."""
+    taken = [k for k in extra if k in COMPUTED]
+    if taken:
+        instead = "; ".join(f"{k}: {COMPUTED[k]}" for k in taken)
+        raise DpgError(f"grpo.extra may not set {', '.join(taken)}, which dpg computes (set instead: {instead})")
+
+
 def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
     from trl import GRPOConfig
 
     g = cfg.grpo
+    check_extra(g.extra)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batch = g.prompts_per_step * g.num_generations  # completions per generated batch
     if batch % (g.updates_per_step * world):
