@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +212,10 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval()
     try:
         model.set_attn_implementation("sdpa")
-    except (ValueError, ImportError, NotImplementedError):
-        pass  # architectures without an SDPA path keep their default attention
+    except (ValueError, ImportError, NotImplementedError) as err:
+        # Only speed depends on it (the engine picks a differentiable attention itself), but
+        # the user is told which attention runs.
+        warnings.warn(f"{spec!r} has no SDPA attention, keeps {model.config._attn_implementation!r}: {_first_line(err)}")
 
     if tok.pad_token is None:
         if tok.eos_token is None:

@@ -133,7 +133,11 @@ def _split(module: nn.Module, head: nn.Module) -> tuple[nn.Module | None, str]:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             whole = module(input_ids=probe, use_cache=False).logits
             split = F.linear(trunk(input_ids=probe, use_cache=False).last_hidden_state, head.weight, head.bias)
+    except torch.OutOfMemoryError:
+        raise  # a model too big for its device must say so, not take the slow path
     except (TypeError, AttributeError, RuntimeError):
+        # The trunk takes other arguments, returns no last_hidden_state, or its width is
+        # not the head's: not a plain trunk + head model, so it runs whole.
         return None, ""
     if whole.shape != split.shape or not torch.allclose(whole, split, rtol=1e-5, atol=1e-6 * whole.abs().max().item()):
         return None, ""
