@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from dpg.data import builtin_texts, encode_texts, read_texts
-from dpg.errors import DpgError
 from dpg.metagrad.engine import MetagradResult, Recipe, example_metagrads
 from dpg.metrics import MetricConfig, build_metric
 from dpg.models import ModelConfig, load

@@ -215,7 +215,8 @@ def load_model(
     except (ValueError, ImportError, NotImplementedError) as err:
         # Only speed depends on it (the engine picks a differentiable attention itself), but
         # the user is told which attention runs.
-        warnings.warn(f"{spec!r} has no SDPA attention, keeps {model.config._attn_implementation!r}: {_first_line(err)}")
+        keeps = model.config._attn_implementation
+        warnings.warn(f"{spec!r} has no SDPA attention, keeps {keeps!r}: {_first_line(err)}", stacklevel=2)
 
     if tok.pad_token is None:
         if tok.eos_token is None:
