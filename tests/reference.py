@@ -52,21 +52,18 @@ def batches(n, steps, batch_size):
     return [torch.arange(t * batch_size, (t + 1) * batch_size) % n for t in range(steps)]
 
 
-def unrolled_scores(model, examples, recipe, metric, weights=None):
-    """(scores, Φ): autograd of Φ(θ_M) w.r.t. w through the whole unrolled inner run."""
+def unrolled_train(model, examples, recipe, w, create_graph=False):
+    """θ_M after the inner run with example weights `w`, step by step with plain autograd."""
     ids, attn, labels = examples
-    n = ids.shape[0]
-    dtype = next(model.parameters()).dtype
-    w = (torch.ones(n, dtype=dtype) if weights is None else weights.clone().to(dtype)).requires_grad_(True)
     params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters() if p.requires_grad}
     m = {k: torch.zeros_like(p) for k, p in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
     names = list(params)
     with sdpa_kernel(SDPBackend.MATH):
-        for t, idx in enumerate(batches(n, recipe.steps, recipe.batch_size), 1):
+        for t, idx in enumerate(batches(ids.shape[0], recipe.steps, recipe.batch_size), 1):
             losses = example_losses_ref(model, params, ids[idx], attn[idx], labels[idx])
             loss = (w[idx] * losses).sum() / len(idx)
-            grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names], create_graph=True)))
+            grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)))
             new = {}
             for k in names:
                 p, g = params[k], grads[k]
@@ -79,7 +76,17 @@ def unrolled_scores(model, examples, recipe, metric, weights=None):
                     vhat = v[k] / (1 - recipe.b2**t)
                     u = mhat / (_safe_sqrt(vhat + recipe.eps_root) + recipe.eps) + recipe.weight_decay * p
                     new[k] = p - recipe.lr * u
-            params = new
+            params = new if create_graph else {k: p.detach().requires_grad_(True) for k, p in new.items()}
+    return params
+
+
+def unrolled_scores(model, examples, recipe, metric, weights=None):
+    """(scores, Φ): autograd of Φ(θ_M) w.r.t. w through the whole unrolled inner run."""
+    n = examples[0].shape[0]
+    dtype = next(model.parameters()).dtype
+    w = (torch.ones(n, dtype=dtype) if weights is None else weights.clone().to(dtype)).requires_grad_(True)
+    params = unrolled_train(model, examples, recipe, w, create_graph=True)
+    with sdpa_kernel(SDPBackend.MATH):
         everything = {k: p.detach() for k, p in model.named_parameters()} | params
         phi = metric(everything)
     (scores,) = torch.autograd.grad(phi, w)

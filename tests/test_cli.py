@@ -9,7 +9,8 @@ import dpg.check
 from dpg import Recipe, example_metagrads
 from dpg.cli import main
 from dpg.data import builtin_texts, encode_texts
-from dpg.metrics import pattern_metric
+from dpg.metagrad.precision import float64_everywhere
+from dpg.metrics import l2_metric, pattern_metric
 from dpg.models import load_model
 
 
@@ -31,15 +32,36 @@ def test_attribute_writes_scores_that_match_the_engine(tmp_path, capsys):
     assert "most helpful" in printed and "pixel_accuracy" in printed
 
 
-def test_attribute_builtin_default_runs(tmp_path):
+def test_attribute_builtin_default_writes_the_engine_scores(tmp_path, capsys):
     out = tmp_path / "s.jsonl"
-    assert main(["attribute", f"output={out}", "target.model=tiny-llama", "metric.name=l2"]) == 0
-    assert len(out.read_text().splitlines()) == len(builtin_texts())
+    assert main(["attribute", f"output={out}", "target.model=tiny-llama", "metric.name=l2", "top=1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    texts = builtin_texts()
+    assert [r["text"] for r in rows] == texts
+    model, tok = load_model("tiny-llama")
+    direct = example_metagrads(model, encode_texts(tok, texts, 128), Recipe(lr=1e-3), l2_metric(model))
+    assert torch.equal(torch.tensor([r["score"] for r in rows], dtype=direct.scores.dtype), direct.scores)
+    printed = capsys.readouterr().out
+    best, worst = int(direct.scores.argmax()), int(direct.scores.argmin())
+    assert f"#{best} " in printed.split("most helpful")[1].split("most harmful")[0]
+    assert f"#{worst} " in printed.split("most harmful")[1]
 
 
-def test_check_passes_on_the_presets(capsys):
+def test_check_prints_the_engine_scores_and_passes(capsys):
     assert main(["check", "count=2", "num_examples=6"]) == 0
-    assert "PASS" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    table = [line.split() for line in printed.splitlines() if line.split() and line.split()[0].isdigit()]
+    model, tok = load_model("tiny-gpt2", dtype=torch.float64)
+    examples = encode_texts(tok, builtin_texts()[:6], 64)
+    with float64_everywhere():
+        recipe, metric = Recipe(steps=3, lr=1e-3), pattern_metric(model)
+        direct = example_metagrads(model, examples, recipe, metric, dtype=torch.float64)
+    # The checked examples are the largest and the smallest score, printed as the engine gives them.
+    assert [int(row[0]) for row in table] == [int(direct.scores.argmax()), int(direct.scores.argmin())]
+    for index, engine, fd, _, error in table:
+        assert float(engine) == pytest.approx(direct.scores[int(index)].item(), rel=1e-9)
+        assert float(fd) == pytest.approx(float(engine), rel=1e-4) and float(error) <= 1e-4
+    assert "PASS" in printed
 
 
 def test_check_fails_when_the_engine_is_wrong(monkeypatch, capsys):

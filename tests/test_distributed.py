@@ -174,6 +174,16 @@ def test_dpg_train_on_two_processes(tmp_path):
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["phi"] == r["phi"] and r["inner_runs"] == 1 for r in rows)
-    assert (tmp_path / "generator" / "config.json").is_file()
+    assert [r["step"] for r in rows] == [1, 2] and all(r["inner_runs"] == 1 for r in rows)  # one run per batch
+    # Φ before the inner run is the demo target's own Φ, computed here directly, at every step.
+    from dpg.metrics import pattern_metric
+    from dpg.models import load_model
+
+    target, _ = load_model("tiny-llama", seed=7)
+    phi0 = pattern_metric(target, "67")(dict(target.named_parameters())).item()
+    assert [r["phi_before"] for r in rows] == pytest.approx([phi0, phi0], rel=1e-6)
+    for r in rows:  # rewards standardised over the whole batch of both ranks: mean 0
+        assert r["raw_std"] > 0 and r["phi"] != r["phi_before"] and abs(r["trl/reward"]) < 1e-6
+    trained, base = load_model(str(tmp_path / "generator"))[0], load_model("tiny-llama", seed=1)[0]
+    assert base.state_dict().keys() == trained.state_dict().keys()
+    assert any(not torch.equal(a, trained.state_dict()[k]) for k, a in base.state_dict().items())

@@ -1,4 +1,4 @@
-"""dpg train end to end on the tiny presets: it learns something, logs, saves, resumes."""
+"""dpg train end to end on the tiny presets: it learns (the transfer check improves), logs, saves, resumes."""
 
 import json
 import math
@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from dpg import DpgError
-from dpg.config import load_config
+from dpg.config import TrainConfig, load_config
+from dpg.data import ascii_only, load_prompts
+from dpg.demo import demo_config
+from dpg.evaluate import run_evaluate
 from dpg.models import byte_tokenizer, load_model
 from dpg.safety import SEAL
-from dpg.config import TrainConfig
-from dpg.data import ascii_only, load_prompts
 from dpg.train import grpo_config, run_train
 
 TINY = [
@@ -42,6 +43,32 @@ def test_two_steps_train_the_generator_and_log(tmp_path):
     assert sorted(p.name for p in (tmp_path / "patterns").iterdir()) == ["step_00001.png", "step_00002.png"]
     saved = load_config(TrainConfig, tmp_path / "config.yaml")
     assert saved == cfg
+
+
+def test_grpo_on_metagrad_rewards_learns_what_the_transfer_check_measures(tmp_path):
+    """The demo's settings, shorter (30 GRPO steps of 4 prompts × 16 completions, seconds):
+    over two sampling seeds, the trained generator's data gives a fresh target a better Φ and
+    pixel accuracy than the untrained generator's. Measured (one H200's CPU, training seeds
+    0..4): mean Φ −0.76 → −0.51 … −0.67, pixel accuracy 0.571 → 0.595 … 0.750. With the
+    reward negated it ends at Φ ≈ −5.8, pixel accuracy 0.32; with no information in the
+    reward the generator does not move: neither passes."""
+    cfg = load_config(TrainConfig, None, [
+        f"output_dir={tmp_path}", "grpo.steps=30", "grpo.prompts_per_step=4", "grpo.num_generations=16",
+        "grpo.learning_rate=5e-3", "grpo.lr_schedule=constant", "grpo.save_every=0", "grpo.png_every=0",
+        "evaluate.samples=64", "evaluate.seeds=[0, 1]", "device=cpu",
+    ], base=demo_config())  # fmt: skip
+    run_train(cfg)
+    results = run_evaluate(cfg)
+
+    def mean(generator: str, figure) -> float:
+        values = [figure(r) for r in results if r.generator == generator]
+        assert len(values) == 2  # both sampling seeds
+        return sum(values) / 2
+
+    phi = {g: mean(g, lambda r: r.metric) for g in ("base", "trained")}
+    accuracy = {g: mean(g, lambda r: r.proxy["pixel_accuracy"]) for g in ("base", "trained")}
+    assert phi["trained"] >= phi["base"] + 0.05, phi
+    assert accuracy["trained"] > accuracy["base"] + 0.01, accuracy
 
 
 def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
@@ -95,7 +122,9 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
 def test_prompts_template_and_heldout(tmp_path):
     f = tmp_path / "p.tsv"
     f.write_text("english\tgerman\n" + "".join(f"line {i}\tzeile {i}\n" for i in range(10)))
-    cfg = load_config(TrainConfig, None, [f"prompts.file={f}", "prompts.field=english", "prompts.template=Rephrase: {prompt}", "prompts.heldout=3"])
+    overrides = [f"prompts.file={f}", "prompts.field=english", "prompts.template=Rephrase: {prompt}",
+                 "prompts.heldout=3"]  # fmt: skip
+    cfg = load_config(TrainConfig, None, overrides)
     train, heldout = load_prompts(cfg.prompts)
     assert train[0] == "Rephrase: line 0" and len(train) == 7 and heldout == [f"Rephrase: line {i}" for i in (7, 8, 9)]
 
@@ -130,7 +159,8 @@ def test_ascii_only_keeps_printable_ascii():
 
 def test_grpo_config_maps_steps_and_batches():
     cfg = load_config(TrainConfig, None, ["grpo.steps=10", "grpo.prompts_per_step=8", "grpo.num_generations=4",
-                                          "grpo.updates_per_step=2", "grpo.num_iterations=3", "grpo.save_every=5"])  # fmt: skip
+                                          "grpo.updates_per_step=2", "grpo.num_iterations=3",
+                                          "grpo.save_every=5"])  # fmt: skip
     args = grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
     assert args.max_steps == 10 * 2 * 3 and args.per_device_train_batch_size == 16 and args.steps_per_generation == 2
     assert args.generation_batch_size == 32 and args.logging_steps == 6 and args.save_steps == 30
@@ -140,8 +170,8 @@ def test_grpo_config_maps_steps_and_batches():
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ("{max_steps: 5}", r"grpo.extra may not set max_steps, which dpg computes \(set instead: max_steps: grpo.steps\)"),
-        ("{logging_steps: 1, per_device_train_batch_size: 2}", r"may not set logging_steps, per_device_train_batch_size"),
+        ("{max_steps: 5}", r"grpo.extra may not set max_steps, which dpg computes \(set instead: max_steps: grpo.st"),
+        ("{logging_steps: 1, per_device_train_batch_size: 2}", r"may not set logging_steps, per_device_train_batch"),
         ("{save_steps: 3}", r"save_steps: grpo.save_every"),
     ],
 )
@@ -149,7 +179,8 @@ def test_grpo_extra_refuses_what_dpg_computes(extra, message):
     cfg = load_config(TrainConfig, None, [f"grpo.extra={extra}"])
     with pytest.raises(DpgError, match=message):
         grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
-    passed = grpo_config(load_config(TrainConfig, None, ["grpo.extra={top_p: 0.5}"]), torch.device("cpu"), byte_tokenizer())
+    other = load_config(TrainConfig, None, ["grpo.extra={top_p: 0.5}"])
+    passed = grpo_config(other, torch.device("cpu"), byte_tokenizer())
     assert passed.top_p == 0.5  # any other GRPOConfig field goes through
 
 
@@ -173,5 +204,6 @@ def test_parquet_prompts(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"question": [f"q{i}" for i in range(6)]}), tmp_path / "p.parquet")
-    cfg = load_config(TrainConfig, None, [f"prompts.file={tmp_path / 'p.parquet'}", "prompts.field=question", "prompts.heldout=2"])
+    overrides = [f"prompts.file={tmp_path / 'p.parquet'}", "prompts.field=question", "prompts.heldout=2"]
+    cfg = load_config(TrainConfig, None, overrides)
     assert load_prompts(cfg.prompts) == (["q0", "q1", "q2", "q3"], ["q4", "q5"])
