@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo clean
+.PHONY: install lint test test-all demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The linter the project names (pyproject.toml [tool.ruff]): syntax errors, pyflakes,
+# bugbear and the 120-character line length.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+
+test: lint
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)

@@ -21,7 +21,10 @@ from dpg.metagrad.precision import float64_everywhere  # noqa: E402
 
 def main():
     torch.manual_seed(0)
-    print(f"{'model':14s} {'head':6s} {'opt':5s} {'M':>2s} {'metric':7s} {'HF as is':>10s} {'true fp64':>10s} {'fp32 vs fp64':>13s}")
+    print(
+        f"{'model':14s} {'head':6s} {'opt':5s} {'M':>2s} {'metric':7s} {'HF as is':>10s} {'true fp64':>10s} "
+        f"{'fp32 vs fp64':>13s}"
+    )
     for family in ("gpt2", "llama"):
         for tied in (False, True):
             for opt in ("adamw", "sgd"):
@@ -29,10 +32,12 @@ def main():
                     for kind in ("head", "lm"):
                         model = tiny_model(family, tied)
                         make = head_metric if kind == "head" else lm_metric
-                        recipe = Recipe(optimizer=opt, lr=1e-2 if opt == "adamw" else 0.5, steps=steps, microbatch_size=2)
+                        lr = 1e-2 if opt == "adamw" else 0.5
+                        recipe = Recipe(optimizer=opt, lr=lr, steps=steps, microbatch_size=2)
                         ex = ragged_examples()
                         ref, _ = unrolled_scores(model, ex, recipe, make(model))
-                        plain = rel_err(example_metagrads(model, ex, recipe, make(model), dtype=torch.float64).scores, ref)
+                        scores = example_metagrads(model, ex, recipe, make(model), dtype=torch.float64).scores
+                        plain = rel_err(scores, ref)
                         with float64_everywhere():
                             ref64, _ = unrolled_scores(model, ex, recipe, make(model))
                             s64 = example_metagrads(model, ex, recipe, make(model), dtype=torch.float64).scores

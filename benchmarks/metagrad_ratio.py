@@ -67,7 +67,9 @@ def sft_steps(model, ids, micro, steps, device):
     def run():
         params = [p for p in model.parameters()]
         saved = [p.detach().clone() for p in params]
-        opt = torch.optim.AdamW(params, lr=5e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(
+            params, lr=5e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4, fused=device.type == "cuda"
+        )
         model.train()  # dropout is zero in this config: same math as eval
         for batch in ids.chunk(steps):
             chunks = batch.split(micro)

@@ -72,7 +72,10 @@ def main():
             ("train (autograd.grad)", lambda: batch_loss_grad(target, target.params, mb, mb_size)),
             ("scores jvp (torch.func)", lambda: tangent_scores(target, target.params, tangent, mb)),
             ("scores jvp (forward_ad)", lambda: fwad_scores(target, target.params, tangent, mb)),
-            ("hvp+scores (torch.func jvp∘grad)", lambda: hvp_and_tangent_scores(target, target.params, tangent, mb, mb_size)),
+            (
+                "hvp+scores (torch.func jvp∘grad)",
+                lambda: hvp_and_tangent_scores(target, target.params, tangent, mb, mb_size),
+            ),
             ("hvp+scores (forward_ad + autograd)", lambda: fwad_hvp(target, target.params, tangent, mb, mb_size)),
         ]
         for name, fn in rows:

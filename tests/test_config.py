@@ -102,7 +102,8 @@ def test_every_key_is_documented(cls):
 def test_command_line_strings_stay_text():
     cfg = load_config(Outer, None, ["inner.name=Say: {x}", "items=[a, 'b c']", "maybe=null"])
     assert cfg.inner.name == "Say: {x}" and cfg.items == ["a", "b c"] and cfg.maybe is None
-    t = load_config(TrainConfig, None, ["prompts.template=Rephrase: {prompt}", "prompts.file=null", "metric.pattern=67"])
+    overrides = ["prompts.template=Rephrase: {prompt}", "prompts.file=null", "metric.pattern=67"]
+    t = load_config(TrainConfig, None, overrides)
     assert t.prompts.template == "Rephrase: {prompt}" and t.prompts.file is None and t.metric.pattern == "67"
 
 
@@ -126,7 +127,8 @@ PAIR = st.tuples(KEY, VALUE).map("=".join)
 OVERRIDE = st.one_of(PAIR, PAIR, PAIR, st.text(max_size=12))
 SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.sampled_from(YAMLISH)
 NODE = st.recursive(
-    SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(NAMES) | SCALAR, inner, max_size=4),
+    SCALAR,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(NAMES) | SCALAR, inner, max_size=4),
     max_leaves=12,
 )  # fmt: skip
 TOKENIZER = byte_tokenizer()

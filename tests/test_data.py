@@ -145,7 +145,9 @@ def expected_row(text: str, prompt: str, max_length: int) -> tuple[list[int], li
     return [EOT, *context, *body], [False] * (1 + len(context)) + [True] * len(body)
 
 
-ODD = st.sampled_from(["<|endoftext|>", "<|endoftext", " ", "\n", "\t", "é", "\x00", "\ufffd", "\U0001f600", "\ud83d", "\ude00"])  # fmt: skip
+ODD = st.sampled_from(
+    ["<|endoftext|>", "<|endoftext", " ", "\n", "\t", "é", "\x00", "\ufffd", "\U0001f600", "\ud83d", "\ude00"]
+)
 TEXT = (
     st.text(alphabet=st.characters(exclude_categories=()), max_size=40)  # surrogates included
     | st.lists(ODD, max_size=8).map("".join)
@@ -154,7 +156,11 @@ TEXT = (
 
 
 @settings(max_examples=300, deadline=None)
-@given(rows=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=4), max_length=st.integers(2, 40), with_prompts=st.booleans())  # fmt: skip
+@given(
+    rows=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=4),
+    max_length=st.integers(2, 40),
+    with_prompts=st.booleans(),
+)
 def test_fuzz_any_text_gives_the_layout_by_hand(tok, rows, max_length, with_prompts):
     texts, prompts = [t for t, _ in rows], [p for _, p in rows]
     ex = encode_texts(tok, texts, max_length, prompts=prompts if with_prompts else None)

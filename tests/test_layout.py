@@ -88,7 +88,9 @@ def test_report_is_a_leaf():
 
 
 def test_shared_pieces_live_in_their_rooms():
-    defined = {name: {n.name for n in ast.parse(MODULES[name].read_text()).body if hasattr(n, "name")} for name in MODULES}
+    defined = {
+        name: {n.name for n in ast.parse(path.read_text()).body if hasattr(n, "name")} for name, path in MODULES.items()
+    }
     assert {"resolve_device", "resolve_dtype"} <= defined["dpg.runtime"]
     assert {"PromptConfig", "load_prompts", "as_chat"} <= defined["dpg.data"]
     assert {"TrainConfig", "GRPOSettings", "RewardConfig", "EvaluateSettings", "LoraSettings"} <= defined["dpg.config"]

@@ -280,7 +280,8 @@ def write_llama_gguf(model, tok, path):
     w.add_tensor("output.weight", sd["lm_head.weight"])  # present -> loaded untied
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
     for i in range(c.num_hidden_layers):
         for hf, gg in names.items():
             t = sd[f"model.layers.{i}.{hf}.weight"]

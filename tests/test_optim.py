@@ -66,7 +66,8 @@ def test_step_adjoint_matches_autograd_vjp(opt):
     leaves = [x.clone().requires_grad_(True) for x in leaves]
     names = list(params)
     P, G = dict(zip(names, leaves[:2])), dict(zip(names, leaves[2:4]))
-    S = None if state is None else optim.AdamState(state.count, dict(zip(names, leaves[4:6])), dict(zip(names, leaves[6:8])))
+    S = None if state is None else optim.AdamState(state.count, dict(zip(names, leaves[4:6])),
+                                                   dict(zip(names, leaves[6:8])))  # fmt: skip
     new_p, new_s = optim.step(opt, P, S, G)
     outs = [*new_p.values()] + ([] if new_s is None else [*new_s.m.values(), *new_s.v.values()])
     cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
@@ -74,7 +75,11 @@ def test_step_adjoint_matches_autograd_vjp(opt):
 
     adj_p = dict(zip(names, cots[:2]))
     adj_s = None if new_s is None else optim.AdamAdjoint(dict(zip(names, cots[2:4])), dict(zip(names, cots[4:6])))
-    after = None if new_s is None else optim.AdamState(new_s.count, {k: x.detach() for k, x in new_s.m.items()}, {k: x.detach() for k, x in new_s.v.items()})
+    after = None
+    if new_s is not None:
+        after = optim.AdamState(
+            new_s.count, {k: x.detach() for k, x in new_s.m.items()}, {k: x.detach() for k, x in new_s.v.items()}
+        )
     adj_g, adj_prev, adj_state = optim.step_adjoint(opt, after, grads, adj_p, adj_s)
     for i, k in enumerate(names):
         torch.testing.assert_close(adj_prev[k], ref[i], rtol=1e-10, atol=1e-12)

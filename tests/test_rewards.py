@@ -143,7 +143,8 @@ def test_non_finite_metagradients_and_inner_losses_stop_the_step(target, monkeyp
     # The inner run diverges: in fp32, SGD at lr 1e10 makes the second inner step's loss NaN.
     naive = InnerRunReward("naive", model, tok, metric, Recipe(optimizer="sgd", lr=1e10, steps=2), max_length=32,
                            cross_group_batching=False, num_generations=1, dtype=torch.float32)  # fmt: skip
-    with pytest.raises(DpgError, match=r"step 1: the naive reward failed: the inner training loss is not finite at inner step 2"):  # fmt: skip
+    message = r"step 1: the naive reward failed: the inner training loss is not finite at inner step 2"
+    with pytest.raises(DpgError, match=message):
         naive(prompts=["p"] * 2, completions=["ab", "cd"])
 
 

@@ -27,7 +27,7 @@ class AttributeConfig:
     target: ModelConfig = field(default_factory=ModelConfig)  # the model the inner run fine-tunes
     recipe: Recipe = field(default_factory=lambda: Recipe(lr=1e-3))  # the inner run
     metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, the target metric
-    data: str | None = None  # JSONL ("text", optional "prompt") or text file, one example per line; none: built-in texts
+    data: str | None = None  # JSONL ("text", optional "prompt") or text file, an example a line; none: built-in texts
     max_length: int = 128  # tokens per example (prompt included), longer text is cut
     output: str = "scores.jsonl"  # where the per-example scores go (JSONL, input order)
     top: int = 5  # how many most helpful and most harmful examples to print
@@ -42,8 +42,13 @@ def run_attribute(cfg: AttributeConfig) -> MetagradResult:
     model, tokenizer = load(cfg.target, device=device)
     examples = encode_texts(tokenizer, texts, cfg.max_length, prompts)
     metric = build_metric(cfg.metric, model, tokenizer)
-    print(f"target {cfg.target.model} on {device}: {len(texts)} examples, {cfg.recipe.steps} inner step(s), metric {cfg.metric.name}")
-    result = example_metagrads(model, examples, cfg.recipe, metric, dtype=dtype, device=device, offload=cfg.offload, progress=True)
+    print(
+        f"target {cfg.target.model} on {device}: {len(texts)} examples, {cfg.recipe.steps} inner step(s), "
+        f"metric {cfg.metric.name}"
+    )
+    result = example_metagrads(
+        model, examples, cfg.recipe, metric, dtype=dtype, device=device, offload=cfg.offload, progress=True
+    )
 
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

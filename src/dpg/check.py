@@ -97,7 +97,7 @@ class CheckConfig:
     target: ModelConfig = field(default_factory=ModelConfig)  # the model the inner run fine-tunes
     recipe: Recipe = field(default_factory=lambda: Recipe(steps=3, lr=1e-3))  # the inner run
     metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, the target metric
-    data: str | None = None  # JSONL ("text", optional "prompt") or text file, one example per line; none: built-in texts
+    data: str | None = None  # JSONL ("text", optional "prompt") or text file, an example a line; none: built-in texts
     num_examples: int = 12  # examples in the inner run (the first ones of the data)
     max_length: int = 64  # tokens per example, at most
     count: int = 3  # examples checked by finite differences
@@ -131,6 +131,8 @@ def run_check(cfg: CheckConfig) -> bool:
     verdict = "PASS" if report.passed else "FAIL"
     print(f"{verdict}: largest relative error {report.max_error:.2e} (tolerance {report.tolerance:g})")
     if report.fp32_error is not None:
-        note = "" if report.fp32_error < 1e-2 else "  (poorly resolved in fp32: use dtype=float64 or a larger eps/eps_root)"
-        print(f"fp32 engine vs fp64 engine over all {len(texts)} examples: relative error {report.fp32_error:.2e}{note}")
+        poor = "  (poorly resolved in fp32: use dtype=float64 or a larger eps/eps_root)"
+        note = "" if report.fp32_error < 1e-2 else poor
+        error = f"relative error {report.fp32_error:.2e}"
+        print(f"fp32 engine vs fp64 engine over all {len(texts)} examples: {error}{note}")
     return report.passed

@@ -81,7 +81,8 @@ def run_demo(cfg) -> Path:
     run_train(cfg)
     trained = time.perf_counter()
     results = run_evaluate(cfg)
-    seconds = {"train": trained - start, "evaluate": time.perf_counter() - trained, "total": time.perf_counter() - start}
+    end = time.perf_counter()
+    seconds = {"train": trained - start, "evaluate": end - trained, "total": end - start}
     return demo_report(cfg, results, seconds)
 
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpg", description="Dataset Policy Gradient.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.add_argument("config", nargs="?", help="YAML config file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. recipe.lr=1e-4")
         if "--help" in argv or "-h" in argv:  # the key listing costs imports: only when asked

@@ -181,7 +181,8 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], prefix + f.name + ".", value)
         else:
-            rows.append((prefix + f.name, repr(value) if isinstance(value, str) else str(value), comments.get(f.name, "")))
+            shown = repr(value) if isinstance(value, str) else str(value)
+            rows.append((prefix + f.name, shown, comments.get(f.name, "")))
     return rows
 
 

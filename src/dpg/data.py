@@ -47,7 +47,8 @@ def encode_texts(
         room = max_length - len(head)
         body = body[:room]  # over-long text is cut at the end...
         prompt = _tokens(tokenizer, prompts[i]) if prompts is not None else []
-        prompt = prompt[max(0, len(prompt) - (room - len(body))) :] if room > len(body) else []  # ...a prompt at its start
+        # ...a prompt at its start
+        prompt = prompt[max(0, len(prompt) - (room - len(body))) :] if room > len(body) else []
         seq = head + prompt + body
         label = [False] * (len(head) + len(prompt)) + [True] * len(body)
         label[0] = False  # nothing precedes the first token to predict it

@@ -52,7 +52,8 @@ def sample_completions(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
             for start in range(0, n, batch_size):
-                enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat)
+                batch = texts[start : start + batch_size]
+                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 ids = model.generate(
                     **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -74,7 +75,8 @@ def text_figures(samples: list[str], language: str | None, target_string: str | 
         figures[f"mean_p_{language}"] = sum(p) / len(p)
     if target_string:
         figures["exact_rate"] = sum(target_string in s for s in samples) / len(samples)
-        figures["within_5_rate"] = sum(edit_distance_to_substring(target_string, s) <= 5 for s in samples) / len(samples)
+        near = sum(edit_distance_to_substring(target_string, s) <= 5 for s in samples)
+        figures["within_5_rate"] = near / len(samples)
     return figures
 
 
@@ -132,7 +134,8 @@ def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
             res = transfer_check(cfg, name, spec, seed)
             results.append(res)
             if res.decoded is not None:
-                save_pattern(res.decoded, Path(cfg.output_dir) / "evaluate" / f"{name.replace('/', '_')}_seed{seed}.png")
+                png = Path(cfg.output_dir) / "evaluate" / f"{name.replace('/', '_')}_seed{seed}.png"
+                save_pattern(res.decoded, png)
     print(results_table(results))
     rows = [r._asdict() | {"decoded": None if r.decoded is None else r.decoded.tolist()} for r in results]
     path = Path(cfg.output_dir) / "evaluate.json"

@@ -157,7 +157,7 @@ PRESETS: tuple[str, ...] = (*_PRESETS, SMOLLM2)
 class ModelConfig:
     """Which model to load (a generator or a target)."""
 
-    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama, gpt2-faithful, smollm2-135m-instruct), local directory, .gguf file or HF hub id
+    model: str = "tiny-gpt2"  # preset (tiny-gpt2, tiny-llama, gpt2-faithful, smollm2-135m-instruct), dir, GGUF, hub id
     seed: int = 0  # random presets (tiny-*, gpt2-faithful): seed of the random initialisation
     tie_word_embeddings: bool | None = None  # random presets: tie the LM head to the input embeddings
     tokenizer: str | None = None  # replacement tokenizer: dir or hub id (gpt2-faithful default: $DPG_GPT2_TOKENIZER)

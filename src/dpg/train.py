@@ -70,7 +70,8 @@ COMPUTED = {
     "num_iterations": "grpo.num_iterations", "epsilon": "grpo.epsilon", "beta": "grpo.beta",
     "loss_type": "grpo.loss_type", "scale_rewards": "grpo.scale_rewards", "report_to": "grpo.report_to",
     "logging_steps": "none: one log row per generated batch", "logging_strategy": "none: as logging_steps",
-    "save_strategy": "grpo.save_every", "save_steps": "grpo.save_every", "disable_tqdm": "none: one console line per step",
+    "save_strategy": "grpo.save_every", "save_steps": "grpo.save_every",
+    "disable_tqdm": "none: one console line per step",
     "generation_kwargs": "grpo.allowed_tokens",
 }  # fmt: skip
 

@@ -265,8 +265,9 @@ def head_tangent_scores(
 ) -> Tensor:
     """γ·∇l_i from the last hidden states h at the label positions (and their tangent ḣ). (B,)
 
-    The head's forward-mode pass written out (head_ops.token_tangents). With ḣ = None this is the whole pass for a tangent on an untied head alone (M = 1 head
-    metrics, from the training pass's saved h). Chunks bound the (chunk, V) softmax.
+    The head's forward-mode pass written out (head_ops.token_tangents). With ḣ = None this is
+    the whole pass for a tangent on an untied head alone (M = 1 head metrics, from the
+    training pass's saved h). Chunks bound the (chunk, V) softmax.
     """
     weight, bias = _head(target, params)
     t_weight = tangent.get(target.head)
