@@ -13,7 +13,7 @@ import torch
 from dpg import DpgError
 from dpg.models import PRESETS, byte_tokenizer, bytes_to_unicode, load_model
 
-GPT2_DIR = Path("/work/shared/tokenizers/gpt2")
+GPT2_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers" / "gpt2"  # beside every checkout
 STRINGS = [
     "Hello, world!",
     "Grüße aus Köln: Äpfel, Öl, Übermaß.",

@@ -21,7 +21,7 @@ from dpg.metrics import head_param_name, pattern_metric
 from dpg.models import PRESETS, SMOLLM2, SMOLLM2_GGUF, load_model
 from test_models import no_grad_logits, write_llama_gguf
 
-GPT2_DIR = Path("/work/shared/tokenizers/gpt2")
+GPT2_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers" / "gpt2"  # beside every checkout
 
 # GPT-2 small, tied: wte 50257*768 + wpe 1024*768 + 12 blocks * (ln_1 2*768 + c_attn 768*2304+2304
 # + attn c_proj 768*768+768 + ln_2 2*768 + c_fc 768*3072+3072 + mlp c_proj 3072*768+768) + ln_f 2*768.
