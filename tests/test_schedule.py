@@ -108,7 +108,10 @@ def reversed_records(model, recipe, k, offload="cpu"):
         plan = plan_steps(ragged_examples(), weights, recipe, device, torch.float64)
         run = ScheduledRun(target, opt, plan, sched.actions, store, bar, {})
         theta, losses = run.forward()
-        out = [(t, {g: {n: x.clone() for n, x in ts.items()} for g, ts in rec.items()}) for t, rec in run.reversed_records()]
+        out = [
+            (t, {g: {n: x.clone() for n, x in ts.items()} for g, ts in rec.items()})
+            for t, rec in run.reversed_records()
+        ]
     store.close()
     return out, theta, losses, most[0], sched
 
@@ -122,7 +125,8 @@ def test_recomputed_records_are_bitwise_the_saved_ones(opt, m):
     saved, theta_saved, losses_saved, most, _ = reversed_records(model, recipe_for(opt, m), max(m, 2))
     assert [t for t, _ in saved] == list(range(m, 0, -1)) and most == max(m - 1, 0)  # record M never stored
     for k in (2, 3):
-        replayed_, theta, losses, most, sched = reversed_records(model, recipe_for(opt, m), k, "disk" if m == 7 else "cpu")
+        offload = "disk" if m == 7 else "cpu"
+        replayed_, theta, losses, most, sched = reversed_records(model, recipe_for(opt, m), k, offload)
         assert losses == losses_saved and all(torch.equal(theta[n], theta_saved[n]) for n in theta)
         for (t, rec), (t_saved, rec_saved) in zip(replayed_, saved, strict=True):
             assert t == t_saved and rec.keys() == rec_saved.keys()
@@ -134,8 +138,11 @@ def test_recomputed_records_are_bitwise_the_saved_ones(opt, m):
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
 def test_recomputed_steps_give_the_all_saved_scores(opt):
     model = small_model()
-    metric = head_metric(model)
-    run = lambda k: example_metagrads(model, ragged_examples(), recipe_for(opt, 7), metric, dtype=torch.float64, checkpoint_k=k)  # noqa: E731
+    metric, recipe = head_metric(model), recipe_for(opt, 7)
+
+    def run(k):
+        return example_metagrads(model, ragged_examples(), recipe, metric, dtype=torch.float64, checkpoint_k=k)
+
     everything = run(7)
     assert everything.schedule["recomputed"] == 0
     for k in (2, 3) if opt == "adamw" else (2,):  # SGD's records: test_recomputed_records_are_bitwise...
@@ -154,7 +161,8 @@ def test_budget_picks_the_schedule_and_one_too_small_fails_before_any_compute(mo
     # 11 units fit the 3-ary tree over M = 7 (see test_hand_worked_schedules), not all-saved.
     recipe = Recipe(lr=1e-2, steps=7, batch_size=2, state_budget_gb=(11 * unit + 64) / 2**30)
     res = example_metagrads(model, examples, recipe, metric, dtype=torch.float64)
-    assert res.schedule["k"] == 3 and res.schedule["held_bytes"] == res.schedule["peak_bytes"] == 11 * unit and res.schedule["recomputed"] == 4
+    assert res.schedule["k"] == 3 and res.schedule["held_bytes"] == res.schedule["peak_bytes"] == 11 * unit
+    assert res.schedule["recomputed"] == 4
     assert res.timings["replay"] > 0
     calls = []
     monkeypatch.setattr(inner, "train_step", lambda *a, **k: calls.append(1))

@@ -31,7 +31,16 @@ from dpg.errors import DpgError
 from dpg.metagrad import optim, schedule
 from dpg.metagrad.inner import ScheduledRun, Step, train_step
 from dpg.metagrad.parallel import all_reduce_sum, smallest, summed
-from dpg.metagrad.records import Examples, MetagradResult, Recipe, TrainResult, check_inputs, make_examples
+from dpg.metagrad.records import (
+    Examples,
+    MetagradResult,
+    Recipe,
+    TrainResult,
+    check_hvp_microbatch_size,
+    check_inputs,
+    check_metric_value,
+    make_examples,
+)
 from dpg.metagrad.store import StepStore, free_bytes
 from dpg.metagrad.target import (
     Target,
@@ -93,6 +102,7 @@ def example_metagrads(
     start = time.perf_counter()
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
+    check_hvp_microbatch_size(hvp_microbatch_size)
     store = StepStore(offload, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,9 +118,17 @@ def example_metagrads(
             run = ScheduledRun(target, opt, plan, sched.actions, store, bar, timings, group=group)
             result = _metagrads(target, run, hvp_plan, metric, timings, len(weights), on_trained)
     timings["total"] = time.perf_counter() - start
+    return _with_diagnostics(result, timings, device, sched, recipe.steps, store)
+
+
+def _with_diagnostics(
+    result: MetagradResult, timings: dict[str, float], device: torch.device, sched: schedule.Plan, steps: int,
+    store: StepStore,
+) -> MetagradResult:  # fmt: skip
+    """The result with its timings, peak GPU memory and the schedule that ran (what it recomputed and held)."""
     result.timings = timings
     result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    result.schedule = sched._asdict() | {"recomputed": sched.runs - recipe.steps, "held_items": store.peak_items,
+    result.schedule = sched._asdict() | {"recomputed": sched.runs - steps, "held_items": store.peak_items,
                                         "held_bytes": store.peak_bytes}  # fmt: skip
     del result.schedule["actions"]
     return result
@@ -123,8 +141,6 @@ def _hvp_plan(
     """The steps cut into microbatches of `size` for the Hessian-vector-product passes."""
     if size is None or recipe.steps == 1:
         return plan
-    if size < 1:
-        raise DpgError(f"hvp_microbatch_size must be at least 1, got {size}")
     finer = replace(recipe, microbatch_size=size)
     return _global_sizes(plan_steps(examples, weights, finer, device, dtype), group, device)
 
@@ -263,12 +279,7 @@ def _metric_forward(metric: Metric, target: Target, params: Params, when: str) -
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         phi = metric({**target.frozen, **leaves})
-    if not isinstance(phi, Tensor) or phi.numel() != 1:
-        raise DpgError(f"the metric must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}")
-    if not torch.isfinite(phi):
-        raise DpgError(f"the metric is not finite {when}: Φ = {phi.item()}")
-    if not phi.requires_grad:
-        raise DpgError("the metric does not depend on any trainable parameter of the target")
+    check_metric_value(phi, "the metric", when)
     return phi, leaves
 
 
@@ -277,7 +288,7 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
     adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
-        raise DpgError("the metric does not depend on any trainable parameter of the target")
+        raise DpgError("the metric does not depend on any trainable weight of the target")
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
     if bad:
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")

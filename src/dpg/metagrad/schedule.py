@@ -145,7 +145,8 @@ def choose(m: int, adam: bool, unit: int, budget: int | None, k: int | None = No
         raise DpgError(
             f"recipe.state_budget_gb = {budget / 2**30:.3g} GB cannot hold the saved states of M = {m} inner "
             f"steps: the smallest checkpoint schedule needs {least / 2**30:.3g} GB (one step's state is "
-            f"{state_units * unit / 2**30:.3g} GB); raise recipe.state_budget_gb (with offload 'disk' it bounds disk space, not memory)"
+            f"{state_units * unit / 2**30:.3g} GB); raise recipe.state_budget_gb "
+            "(with offload 'disk' it bounds disk space, not memory)"
         )
     return best
 
