@@ -99,8 +99,10 @@ def main() -> None:
         "runs": {},
     }  # fmt: skip
     print(f"\n{results['device']}, torch {torch.__version__}, shape {args.shape}: plain SFT step {sft_step:.3f} s")
-    print(f"{'M':>4s} {'seconds':>9s} {'ratio':>6s} {'fwd/step':>9s} {'replay':>8s} {'GPU GB':>7s} "
-          f"{'host GB':>8s}  schedule")  # fmt: skip
+    print(
+        f"{'M':>4s} {'seconds':>9s} {'ratio':>6s} {'fwd/step':>9s} {'replay':>8s} {'GPU GB':>7s} {'host GB':>8s}  "
+        "schedule"
+    )
     for m in args.steps:
         row = measure(model, metric, ids[: m * n], m, micro, hvp_micro, args, device)
         row["sft_equivalent_s"], row["ratio"] = m * sft_step, row["seconds"] / (m * sft_step)
@@ -108,9 +110,8 @@ def main() -> None:
         with open(args.out, "w") as f:  # rewritten after every M: a crash keeps what was measured
             json.dump(results, f, indent=2)
         s = row["schedule"]
-        plan = (
-            "all saved" if s["recomputed"] == 0 else f"k={s['k']}, {s['levels']} levels, {s['recomputed']} recomputed"
-        )
+        tree = f"k={s['k']}, {s['levels']} levels, {s['recomputed']} recomputed"
+        plan = "all saved" if s["recomputed"] == 0 else tree
         gpu = "" if row["peak_gpu_gb"] is None else f"{row['peak_gpu_gb']:7.1f}"
         print(
             f"{m:4d} {row['seconds']:9.2f} {row['ratio']:6.2f} {row['forward_s_per_step']:9.3f} "
@@ -149,13 +150,15 @@ def print_plans(model, steps: list[int], budget_gb: float | None) -> None:
     """What the engine would keep and recompute (AdamW, fp32), without running anything."""
     unit = sum(p.numel() for p in model.parameters()) * 4
     budget = None if budget_gb is None else int(budget_gb * 2**30)
-    print(f"θ: {unit / 2**30:.3f} GB fp32; a record (θ, g, m, v) {4 * unit / 2**30:.2f} GB, "
-          f"a state {3 * unit / 2**30:.2f} GB")  # fmt: skip
+    print(
+        f"θ: {unit / 2**30:.3f} GB fp32; a record (θ, g, m, v) {4 * unit / 2**30:.2f} GB, "
+        f"a state {3 * unit / 2**30:.2f} GB"
+    )
     print(f"{'M':>4s} {'k':>4s} {'levels':>6s} {'held':>5s} {'GB':>6s} {'steps run':>9s} {'recomputed':>10s}")
     for m in steps:
         p = schedule.choose(m, True, unit, budget)
-        print(f"{m:4d} {p.k:4d} {p.levels:6d} {p.peak_items:5d} {p.peak_bytes / 2**30:6.1f} {p.runs:9d} "
-              f"{p.runs - m:10d}")  # fmt: skip
+        gb = p.peak_bytes / 2**30
+        print(f"{m:4d} {p.k:4d} {p.levels:6d} {p.peak_items:5d} {gb:6.1f} {p.runs:9d} {p.runs - m:10d}")
 
 
 def timed_once(fn, device, reps):

@@ -86,7 +86,7 @@ def test_cuda_recomputation_through_pooled_pinned_memory():
         return example_metagrads(
             model, ragged_examples(), recipe, metric, dtype=torch.float64, device="cuda", offload=offload,
             checkpoint_k=k,
-        )
+        )  # fmt: skip
 
     saved = run(7, "device").scores
     for k, offload in [(2, "cpu"), (3, "cpu"), (2, "disk"), (2, "cpu")]:

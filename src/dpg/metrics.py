@@ -84,7 +84,8 @@ def image_pattern(path: str | Path) -> Tensor:
             gray = Image.alpha_composite(white, img).convert("L")
     except (UnidentifiedImageError, OSError) as err:
         raise DpgError(f"cannot read pattern image {path}: {err}") from None
-    pixels = torch.tensor(list(gray.getdata()), dtype=torch.float32).reshape(gray.height, gray.width)
+    # tobytes: one byte per pixel, row by row (mode "L"); getdata is deprecated in Pillow 12.
+    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).float().reshape(gray.height, gray.width)
     return torch.where(pixels < 128, 1.0, -1.0)
 
 

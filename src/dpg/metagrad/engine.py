@@ -102,6 +102,7 @@ def example_metagrads(
     start = time.perf_counter()
     device = _resolve_device(model, device)
     weights = check_inputs(model, examples, recipe, weights)
+    check_hvp_microbatch_size(hvp_microbatch_size)
     store = StepStore(offload, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,11 +118,14 @@ def example_metagrads(
             run = ScheduledRun(target, opt, plan, sched.actions, store, bar, timings, group=group)
             result = _metagrads(target, run, hvp_plan, metric, timings, len(weights), on_trained)
     timings["total"] = time.perf_counter() - start
-    return _with_figures(result, timings, device, sched, store, recipe.steps)
+    return _with_diagnostics(result, timings, device, sched, recipe.steps, store)
 
 
-def _with_figures(result: MetagradResult, timings, device, sched, store: StepStore, steps: int) -> MetagradResult:
-    """The result with its timings, peak GPU memory and the schedule it ran (states held, steps rerun)."""
+def _with_diagnostics(
+    result: MetagradResult, timings: dict[str, float], device: torch.device, sched: schedule.Plan, steps: int,
+    store: StepStore,
+) -> MetagradResult:  # fmt: skip
+    """The result with its timings, peak GPU memory and the schedule that ran (what it recomputed and held)."""
     result.timings = timings
     result.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     result.schedule = sched._asdict() | {"recomputed": sched.runs - steps, "held_items": store.peak_items,
@@ -135,7 +139,6 @@ def _hvp_plan(
     dtype: torch.dtype, group: dist.ProcessGroup | None,
 ) -> list[Step]:  # fmt: skip
     """The steps cut into microbatches of `size` for the Hessian-vector-product passes."""
-    check_hvp_microbatch_size(size)
     if size is None or recipe.steps == 1:
         return plan
     finer = replace(recipe, microbatch_size=size)
@@ -285,7 +288,7 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
     adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
-        raise DpgError("the metric does not depend on any trainable parameter of the target")
+        raise DpgError("the metric does not depend on any trainable weight of the target")
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
     if bad:
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")

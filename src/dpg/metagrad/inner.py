@@ -115,10 +115,8 @@ class ScheduledRun:
         else:  # run
             t, save = act[1], act[2]
             params, state = self.current
-            out = train_step(
-                self.target, self.opt, self.plan[t - 1], params, state, self.bar, self.stash_hidden and t == 1,
-                self.group,
-            )  # fmt: skip
+            stash = self.stash_hidden and t == 1
+            out = train_step(self.target, self.opt, self.plan[t - 1], params, state, self.bar, stash, self.group)
             if save == "record":
                 record = _record(t, params, out)
                 if is_direct(self.actions, i):

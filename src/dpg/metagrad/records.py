@@ -96,8 +96,7 @@ class MetagradResult:
     metric_before: float  # Φ(θ_0), before the inner run
     proxy: dict[str, float] = field(default_factory=dict)  # readable companions of Φ (accuracy, norm, ...)
     losses: list[float] = field(default_factory=list)  # weighted batch loss L_t at each inner step
-    # seconds: train, metric, reverse (of it, replay: recomputed steps), total
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: train, metric, reverse (replay: in it), total
     peak_memory: int | None = None  # bytes on the CUDA device; None on CPU
     schedule: dict = field(default_factory=dict)  # k, levels, runs, recomputed, peak_* (bound), held_* (seen)
 
