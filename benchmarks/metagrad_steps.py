@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=SHAPES, default="gpt2-small")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 4, 8, 32, 96], help="the M values, run in this order")
-    ap.add_argument("--budget-gb", type=float, default=None, help="recipe.state_budget_gb (none: 80%% of free memory)")
+    ap.add_argument("--budget-gb", type=float, default=None, help="recipe.state_budget_gb (none: half the free memory)")
     ap.add_argument("--offload", default="cpu", choices=["cpu", "disk", "device"])
     ap.add_argument("--hvp-micro", type=int, default=None, help="HVP microbatch (default: half the training one)")
     ap.add_argument("--seqs", type=int, default=None, help="sequences per inner step (default: the shape's)")

@@ -157,8 +157,11 @@ def _schedule(
         budget = int(recipe.state_budget_gb * 2**30)
     else:
         room = free_bytes(offload, device)
-        # rounded to 1 GiB so that repeated calls find their plan in choose's cache
-        budget = None if room is None else int(0.8 * room) // 2**30 * 2**30
+        # Half the free memory (saved states are page-locked on a GPU machine: leave the rest to
+        # everything else), 80 % of the free disk; rounded to 1 GiB so that repeated calls find
+        # their plan in choose's cache.
+        share = 0.5 if offload == "cpu" else 0.8
+        budget = None if room is None else int(share * room) // 2**30 * 2**30
     if group is not None:
         budget = None if budget is None else int(smallest(budget, group, device))
     sched = schedule.choose(recipe.steps, isinstance(opt, optim.AdamW), unit, budget, k)

@@ -37,7 +37,7 @@ class Recipe:
     steps: int = 1  # M, inner optimizer steps
     batch_size: int | None = None  # examples per step; None splits the N examples into M batches
     microbatch_size: int | None = None  # examples per forward pass; None: the whole batch
-    state_budget_gb: float | None = None  # saved step states held at once, GB (more: recomputed); none: 80 % of free
+    state_budget_gb: float | None = None  # saved step states held at once, GB (more: recomputed); none: ½ free memory
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "sgd"):
