@@ -158,10 +158,10 @@ def _schedule(
     else:
         room = free_bytes(offload, device)
         # Half the free memory (saved states are page-locked on a GPU machine: leave the rest to
-        # everything else), 80 % of the free disk; rounded to 1 GiB so that repeated calls find
-        # their plan in choose's cache.
+        # everything else), 80 % of the free disk; rounded down to 1 MiB so that repeated calls
+        # find their plan in choose's cache (to 1 GiB, a small machine would get a budget of 0).
         share = 0.5 if offload == "cpu" else 0.8
-        budget = None if room is None else int(share * room) // 2**30 * 2**30
+        budget = None if room is None else int(share * room) // 2**20 * 2**20
     if group is not None:
         budget = None if budget is None else int(smallest(budget, group, device))
     sched = schedule.choose(recipe.steps, isinstance(opt, optim.AdamW), unit, budget, k)
