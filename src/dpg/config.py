@@ -72,7 +72,7 @@ def _parse_scalar(raw: str) -> Any:
     try:
         return yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        return raw
+        return str(raw)  # plain text: a _Raw left in the config could not be saved as YAML
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "", base: Any = None) -> T:
