@@ -100,5 +100,6 @@ def test_gguf_file_as_target(tmp_path):
     direct, _ = load_model(str(tmp_path / "model"), dtype=torch.float64)
     recipe = Recipe(optimizer="adamw", lr=1e-3, b2=0.95, eps_root=1e-9, weight_decay=1e-4, steps=1)
     with float64_everywhere():
-        same, _ = unrolled_scores(without_padding_idx(direct), encode_texts(tok, TEXTS, 32), recipe, lm_loss_metric(direct, tok, HELD_OUT, 32))
+        metric = lm_loss_metric(direct, tok, HELD_OUT, 32)
+        same, _ = unrolled_scores(without_padding_idx(direct), encode_texts(tok, TEXTS, 32), recipe, metric)
     torch.testing.assert_close(ref, same, rtol=1e-6, atol=0)
