@@ -70,6 +70,8 @@ class DistinctShare:
         return self.reward(prompts=prompts, completions=completions, **kwargs)
 
     def __getattr__(self, name):  # only for names not set above: history, metric, decoded, ...
+        if "reward" not in self.__dict__:  # a copy being built
+            raise AttributeError(name)
         return getattr(self.__dict__["reward"], name)
 
 
