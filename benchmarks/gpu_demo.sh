@@ -20,13 +20,15 @@ if [ ${#runs[@]} = 0 ]; then
   grep -q "language_id" "$cfg" && runs+=(language_id embedding)
   grep -q "levenshtein" "$cfg" && runs+=(levenshtein)
 fi
-source benchmarks/gpu_setup.sh || exit 1
+# SETUP=0 skips the device-machine setup; DEVICE and EXTRA (more overrides) let the same
+# script run anywhere, e.g. on a CPU with tiny models to try it.
+[ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
 piece=${PIECE_MIN:-6.5}  # minutes of training a run and call (time_limit); the rest: loading, transfer check
 out=${OUT:-/tmp/out}; res=benchmarks/results/paper; mkdir -p "$out" "$res" runs/paper
 deadline=${BUDGET_S:-540}  # seconds since the call began: every job ends by then, so the results come back
 for run in "${runs[@]}"; do
   name=$demo; [ "$run" = metagrad ] || name=$demo-$run
-  over="output_dir=runs/paper/$name device=cuda time_limit=$piece"
+  over="output_dir=runs/paper/$name device=${DEVICE:-cuda} time_limit=$piece ${EXTRA:-}"
   [ "$run" = metagrad ] || over="$over reward.name=$run"
   [ "$run" = naive ] && over="$over reward.cross_group_batching=false"
   (
@@ -43,7 +45,7 @@ wait
 left=0
 for run in "${runs[@]}"; do
   name=$demo; [ "$run" = metagrad ] || name=$demo-$run
-  echo "== $name"; grep -v "^\[transformers\]" "runs/paper/$name.log" | tail -4
+  echo "== $name"; grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" "runs/paper/$name.log" | tail -4
   [ -f "runs/paper/$name/metrics.jsonl" ] && cp "runs/paper/$name/metrics.jsonl" "$res/$name.metrics.jsonl"
   [ -f "runs/paper/$name/evaluate.json" ] && cp "runs/paper/$name/evaluate.json" "$res/$name.evaluate.json" || left=1
 done
