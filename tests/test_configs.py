@@ -92,7 +92,8 @@ def test_paper_config_runs_end_to_end_and_measures_what_it_is_for(path, tmp_path
     assert res.metric == pytest.approx(phi, rel=1e-9) and res.proxy == pytest.approx(proxy, rel=1e-9)
     if lang := cfg.evaluate.language:  # Φ = −loss on held-out text in it: such data lowers it, and is seen as it
         rows = short_rows(Path(plain.metric.texts_file).name)[:8]
-        en, other = transfer_of(cfg, [r[0] for r in rows], monkeypatch), transfer_of(cfg, [r[1] for r in rows], monkeypatch)
+        en = transfer_of(cfg, [r[0] for r in rows], monkeypatch)
+        other = transfer_of(cfg, [r[1] for r in rows], monkeypatch)
         assert other.text[f"share_{lang}"] >= 0.75 and en.text[f"share_{lang}"] <= 0.25
         assert other.metric > en.metric
     if path.stem == "uuid":  # Φ = −loss on the UUID: writing it lowers the loss and is counted
