@@ -3,7 +3,8 @@ curves' panels."""
 
 import json
 
-from dpg.report import DistinctShare, RunLog, console_line, curve_keys, plot_runs
+from dpg.report import RunLog, console_line, curve_keys, plot_runs
+from dpg.rewards import DistinctShare
 
 
 class Scored:

@@ -133,7 +133,7 @@ def lora_config(cfg: LoraSettings):
 def run_train(cfg: TrainConfig) -> Path | None:
     """Train; return the directory of the final generator (a standard HF model directory), or
     None when `time_limit` stopped the run before its last step (the same call resumes it)."""
-    from dpg.report import DistinctShare
+    from dpg.rewards import DistinctShare
     from dpg.safety import TimeLimit, check_run, check_settings
 
     began = time.monotonic()
