@@ -208,3 +208,20 @@ def test_parquet_prompts(tmp_path):
     overrides = [f"prompts.file={tmp_path / 'p.parquet'}", "prompts.field=question", "prompts.heldout=2"]
     cfg = load_config(TrainConfig, None, overrides)
     assert load_prompts(cfg.prompts) == (["q0", "q1", "q2", "q3"], ["q4", "q5"])
+
+
+def test_time_limit_stops_after_a_step_with_a_checkpoint_and_the_same_command_resumes(tmp_path, capsys):
+    """time_limit lets a run go in pieces (device calls of ≤ 10 minutes): past the limit the
+    run ends with the step in progress, seals a checkpoint, saves no generator, and running the
+    same command again goes on from there."""
+    assert run_train(tiny(tmp_path, "grpo.steps=3", "grpo.save_every=0", "time_limit=1e-9")) is None
+    assert "stopped after step 1/3: time_limit of 1e-09 minutes; the same command resumes" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint-1" / SEAL).is_file() and not (tmp_path / "generator").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    final = run_train(tiny(tmp_path, "grpo.steps=3", "grpo.save_every=0"))
+    assert "resuming from" in capsys.readouterr().out and final == tmp_path / "generator" and final.is_dir()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["examples"] for r in rows] == [8, 16, 24]
+    assert all(0 < r["distinct_share"] <= 1 for r in rows)
+    with pytest.raises(DpgError, match="time_limit must be at least 0 minutes"):
+        run_train(tiny(tmp_path / "bad", "time_limit=-1"))

@@ -3,6 +3,7 @@
     dpg demo      [CONFIG.yaml] [key=value ...]   the built-in default: train, transfer check, report
     dpg train     CONFIG.yaml   [key=value ...]   GRPO on metagradient rewards
     dpg evaluate  CONFIG.yaml   [key=value ...]   transfer check: base vs trained generator
+    dpg sample    CONFIG.yaml   [key=value ...]   a dataset from any generator: JSONL / Parquet
     dpg attribute [CONFIG.yaml] [key=value ...]   per-example metagradient scores of a data file
     dpg check     [CONFIG.yaml] [key=value ...]   the engine against finite differences (fp64)
 
@@ -24,6 +25,7 @@ COMMANDS = {
     "demo": "the built-in default: DPG on tiny offline models (CPU, minutes), transfer check, report",
     "train": "train a generator with GRPO on metagradient (or baseline) rewards",
     "evaluate": "transfer check: sample data from base and trained generators, fine-tune a fresh target, measure",
+    "sample": "write a dataset: completions from any generator on the config's prompts, as JSONL or Parquet",
     "attribute": "score each example of a data file by its exact effect on the target metric",
     "check": "verify the engine against central finite differences in fp64 on your model and recipe",
 }
@@ -65,6 +67,10 @@ def _run(command: str, cfg) -> int:
         from dpg.evaluate import run_evaluate
 
         run_evaluate(cfg)
+    elif command == "sample":
+        from dpg.sample import run_sample
+
+        run_sample(cfg)
     else:
         run_demo(cfg)
     return 0
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if config is not None and "=" in config:  # no YAML file, only overrides
         config, overrides = None, [config, *overrides]
     try:
-        if config is None and args.command in ("train", "evaluate"):
+        if config is None and args.command in ("train", "evaluate", "sample"):
             raise DpgError(f"dpg {args.command} needs a config file (see configs/, or `dpg demo` for the built-in run)")
         cls, defaults = _config(args.command)
         return _run(args.command, load_config(cls, config, overrides, base=defaults))

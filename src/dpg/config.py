@@ -256,17 +256,30 @@ class EvaluateSettings:
     generators: list[str] = field(default_factory=list)  # more generators to compare (paths or presets)
     language: str | None = None  # also report the share of samples in this language (fastText language ID)
     target_string: str | None = None  # also report how often samples contain this string (exact, edit distance ≤ 5)
+    samples_file: str | None = None  # check this file's completions alone (as dpg sample writes it), sample nothing
+
+
+@dataclass
+class SampleSettings:
+    """dpg sample: a dataset from a generator, the product of a run."""
+
+    generator: str = "trained"  # base (generator.model) | trained (OUTPUT/generator) | preset, model dir, .gguf
+    n: int = 512  # completions to write, cycling through the prompts
+    seed: int = 0  # sampling seed
+    split: str = "heldout"  # which prompts: heldout (the last prompts.heldout) | train | all
+    output: str | None = None  # .jsonl or .parquet; none: OUTPUT/samples/GENERATOR_seedSEED.jsonl
 
 
 @dataclass
 class TrainConfig:
-    """dpg train / evaluate / demo: everything a DPG run needs."""
+    """dpg train / evaluate / sample / demo: everything a DPG run needs."""
 
     output_dir: str = "runs/dpg"  # checkpoints, metrics.jsonl, pattern PNGs, the final generator
     seed: int = 0  # seeds sampling, the data order and the policy updates
     device: str = "auto"  # auto | cpu | cuda | cuda:N (generator and target)
     dtype: str = "float32"  # metagradient precision: float32 | float64
     resume: bool = True  # continue from the last checkpoint in output_dir, if any
+    time_limit: float = 0.0  # minutes; stop after the first step past it, with a checkpoint (rerun resumes); 0: none
     generator: ModelConfig = field(default_factory=lambda: ModelConfig(seed=1))  # the model GRPO trains
     lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the generator
     target: ModelConfig = field(default_factory=ModelConfig)  # the model fine-tuned on the completions
@@ -276,3 +289,4 @@ class TrainConfig:
     recipe: Recipe = field(default_factory=Recipe)  # the target's inner run (fine-tuning on a batch)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)  # the RL loop
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)  # the transfer check
+    sample: SampleSettings = field(default_factory=SampleSettings)  # dpg sample: a dataset from a generator

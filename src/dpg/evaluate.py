@@ -5,6 +5,10 @@ on the held-out prompts, fine-tune a fresh copy of the target on it with the sam
 recipe by plain training (no metagradients), and measure Φ and its proxy — and, for text
 goals, the share of samples in a language or containing a string. A generator is only as
 good as the target it produces from data it was never rewarded for.
+
+Each sampled dataset is also written as a samples file (dpg.sampling), and
+`evaluate.samples_file=FILE` runs the check on such a file's completions alone — the file
+from `dpg sample`, or one an earlier check wrote — so a result can be repeated from its data.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from typing import NamedTuple
 import torch
 
 from dpg.config import TrainConfig
-from dpg.data import as_chat, ascii_only, encode_texts, load_prompts
+from dpg.data import ascii_only, encode_texts, load_prompts
 from dpg.errors import DpgError
 from dpg.metagrad.engine import fine_tune
 from dpg.metrics import build_metric
 from dpg.models import ModelConfig, load
 from dpg.report import results_table, save_pattern
 from dpg.runtime import resolve_device, resolve_dtype
+from dpg.sampling import cycle_prompts, read_samples, sample_completions, write_samples
 
 
 class TransferResult(NamedTuple):
@@ -34,35 +39,6 @@ class TransferResult(NamedTuple):
     text: dict[str, float]  # language share / string rates, when asked for
     decoded: torch.Tensor | None  # the pattern the target holds (pattern metrics)
     samples: list[str]  # the sampled completions
-
-
-def sample_completions(
-    model, tokenizer, prompts: list[str], n: int, *, chat: bool, temperature: float, max_new_tokens: int,
-    suppress: list[int] | None, seed: int, device: torch.device, batch_size: int = 64,
-) -> list[str]:  # fmt: skip
-    """n completions, cycling through the prompts, sampled as in training."""
-    chosen = [prompts[i % len(prompts)] for i in range(n)]
-    texts = [
-        tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in as_chat(chosen, True)
-    ] if chat else chosen  # fmt: skip
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues at the right edge
-    out = []
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            torch.manual_seed(seed)
-            for start in range(0, n, batch_size):
-                batch = texts[start : start + batch_size]
-                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat)
-                enc = {k: v.to(device) for k, v in enc.items()}
-                ids = model.generate(
-                    **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                    suppress_tokens=suppress, pad_token_id=tokenizer.pad_token_id,
-                )  # fmt: skip
-                out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return out
 
 
 def text_figures(samples: list[str], language: str | None, target_string: str | None) -> dict[str, float]:
@@ -93,7 +69,9 @@ def edit_distance_to_substring(needle: str, haystack: str) -> int:
 
 
 def transfer_check(cfg: TrainConfig, name: str, generator: ModelConfig, seed: int) -> TransferResult:
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    """Sample cfg.evaluate.samples completions from `generator` on the held-out prompts, then
+    measure what a fresh target fine-tuned on them becomes (measure_samples)."""
+    device = resolve_device(cfg.device)
     _, heldout = load_prompts(cfg.prompts)
     gen, gen_tok = load(generator, device=device)
     suppress = ascii_only(gen_tok) if cfg.grpo.allowed_tokens == "ascii" else None
@@ -102,6 +80,13 @@ def transfer_check(cfg: TrainConfig, name: str, generator: ModelConfig, seed: in
         max_new_tokens=cfg.grpo.max_completion_length, suppress=suppress, seed=seed, device=device,
     )  # fmt: skip
     del gen
+    return measure_samples(cfg, name, seed, samples)
+
+
+def measure_samples(cfg: TrainConfig, name: str, seed: int, samples: list[str]) -> TransferResult:
+    """Fine-tune a fresh target on `samples` with the inner recipe (plain training), then Φ,
+    its proxy and the text figures."""
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     target, target_tok = load(cfg.target, device=device)
     metric = build_metric(cfg.metric, target, target_tok)
     examples = encode_texts(target_tok, samples, cfg.reward.max_length)
@@ -118,6 +103,14 @@ def transfer_check(cfg: TrainConfig, name: str, generator: ModelConfig, seed: in
     return TransferResult(name, seed, phi, proxy, text, decoded, samples)
 
 
+def check_samples_file(cfg: TrainConfig) -> TransferResult:
+    """The transfer check on a samples file's completions alone (evaluate.samples_file)."""
+    rows = read_samples(cfg.evaluate.samples_file)
+    names, seeds = {r["generator"] for r in rows}, {r["seed"] for r in rows}
+    name = names.pop() if len(names) == 1 else Path(cfg.evaluate.samples_file).stem
+    return measure_samples(cfg, name, seeds.pop() if len(seeds) == 1 else -1, [r["completion"] for r in rows])
+
+
 def generators_to_compare(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
     out = [("base", cfg.generator)]
     trained = Path(cfg.output_dir) / "generator"
@@ -128,17 +121,26 @@ def generators_to_compare(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
 
 
 def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
-    results = []
-    for name, spec in generators_to_compare(cfg):
-        for seed in cfg.evaluate.seeds:
-            res = transfer_check(cfg, name, spec, seed)
-            results.append(res)
-            if res.decoded is not None:
-                png = Path(cfg.output_dir) / "evaluate" / f"{name.replace('/', '_')}_seed{seed}.png"
-                save_pattern(res.decoded, png)
+    """The transfer check of every generator and seed (or of evaluate.samples_file): prints the
+    table and writes OUTPUT/evaluate.json (FILE.evaluate.json beside a samples file), and each
+    sampled dataset as a samples file, OUTPUT/evaluate/NAME_seedS.jsonl, to repeat it from."""
+    out = Path(cfg.output_dir)
+    if cfg.evaluate.samples_file:
+        results, path = [check_samples_file(cfg)], Path(cfg.evaluate.samples_file).with_suffix(".evaluate.json")
+    else:
+        results, path = [], out / "evaluate.json"
+        _, heldout = load_prompts(cfg.prompts)
+        for name, spec in generators_to_compare(cfg):
+            for seed in cfg.evaluate.seeds:
+                res = transfer_check(cfg, name, spec, seed)
+                results.append(res)
+                stem = f"{name.replace('/', '_')}_seed{seed}"
+                prompts = cycle_prompts(heldout, len(res.samples))
+                write_samples(out / "evaluate" / f"{stem}.jsonl", prompts, res.samples, spec.model, seed)
+                if res.decoded is not None:
+                    save_pattern(res.decoded, out / "evaluate" / f"{stem}.png")
     print(results_table(results))
     rows = [r._asdict() | {"decoded": None if r.decoded is None else r.decoded.tolist()} for r in results]
-    path = Path(cfg.output_dir) / "evaluate.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     return results

@@ -283,7 +283,8 @@ def _convert_smollm2(out: Path) -> None:
     # The weights are de-quantized, dense fp32: save them as an ordinary checkpoint, which
     # transformers refuses while the model still names its GGUF quantizer.
     model.hf_quantizer = None
-    del model.config.quantization_config
+    if hasattr(model.config, "quantization_config"):  # not set when transformers unpacked the file itself
+        del model.config.quantization_config
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -332,13 +333,24 @@ def _load_pretrained(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
     else:
         where, kwargs = str(path) if path.exists() else spec, {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **_dense(kwargs))
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, NotImplementedError) as e:
         if path.exists():
             raise DpgError(f"could not load model from {spec}: {_first_line(e)}") from e
         raise DpgError(f"model {spec!r} could not be found locally or on the Hugging Face hub: {_first_line(e)}") from e
     return model, tokenizer
+
+
+def _dense(kwargs: dict) -> dict:
+    """For a GGUF file: dense weights. Newer transformers (5.24) keep quantized GGUF blocks packed
+    when its `kernels` package has a matmul for them, and packed blocks can be neither trained
+    nor differentiated (older versions always unpack)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)} if "gguf_file" in kwargs else {}
 
 
 def _first_line(e: Exception) -> str:

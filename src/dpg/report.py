@@ -20,6 +20,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 
+
 class GenerationTimer:
     """Seconds spent in the generator's `generate`, since the last `take()`.
 
@@ -48,10 +49,11 @@ class GenerationTimer:
 class RunLog(TrainerCallback):
     def __init__(
         self, out_dir: Path, reward, timer: GenerationTimer, *, total_steps: int, per_step: int, png_every: int,
-        enabled: bool = True,
+        enabled: bool = True, batch: int = 0,
     ):  # fmt: skip
         self.out, self.reward, self.timer, self.enabled = Path(out_dir), reward, timer, enabled  # enabled: rank 0
         self.total_steps, self.per_step, self.png_every = total_steps, per_step, png_every
+        self.batch = batch  # completions per generated batch: x axis of the curves (generated examples)
         self.path = self.out / "metrics.jsonl"
         self.last_row: dict[str, Any] = {}
         self._clock = time.perf_counter()
@@ -78,8 +80,10 @@ class RunLog(TrainerCallback):
         figures.pop("step", None)
         generation, reward_s = self.timer.take(), figures.get("seconds", 0.0)
         step = state.global_step // self.per_step
-        row = {"step": step, "global_step": state.global_step}
+        row = {"step": step, "global_step": state.global_step, "examples": step * self.batch}
         row |= figures
+        if getattr(self.reward, "share", None) is not None:
+            row["distinct_share"] = self.reward.share
         row |= {f"trl/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
         row |= {"time/step": wall, "time/generation": generation, "time/reward": reward_s}
         row["time/update"] = max(wall - generation - reward_s, 0.0)
@@ -101,8 +105,10 @@ def console_line(row: dict[str, Any], total: int) -> str:
         parts.append(f"raw reward σ {row['raw_std']:.2e}")
     elif "trl/reward" in row:
         parts.append(f"reward {row['trl/reward']:.4g}")
-    if "trl/entropy" in row:
+    if "trl/entropy" in row:  # TRL: mean per-token entropy (nats) of the policy over the step's updates
         parts.append(f"entropy {row['trl/entropy']:.3g}")
+    if "distinct_share" in row:
+        parts.append(f"distinct {row['distinct_share']:.2f}")
     if "trl/completions/mean_length" in row:
         parts.append(f"len {row['trl/completions/mean_length']:.3g}")
     parts.append(
@@ -133,25 +139,47 @@ def save_pattern(matrix: torch.Tensor, path: Path, scale: int = 24) -> None:
     img.save(path)
 
 
+CURVE_TITLES = {
+    "phi": "Φ (inner run on the batch)",
+    "trl/reward": "reward",
+    "trl/entropy": "policy entropy (nats a token)",
+    "distinct_share": "distinct completions (share)",
+}
+
+
+def curve_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """What a run's curves show: Φ (or the reward, for baselines), each proxy, the policy's
+    entropy and the share of distinct completions, those the rows hold."""
+    proxies = sorted({k for r in rows for k in r if k.startswith("proxy/")})
+    first = "phi" if any("phi" in r for r in rows) else "trl/reward"
+    return [k for k in (first, *proxies, "trl/entropy", "distinct_share") if any(k in r for r in rows)]
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Φ and each proxy against the step: the metric curve of a run."""
+    """The curves of one run (curve_keys) against the number of generated examples."""
+    plot_runs({"": rows}, path, title)
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Several runs' curves overlaid, one panel per figure (curve_keys of all the runs), against
+    the number of generated examples (the GRPO step for rows that lack it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [
-        k for k in ("phi", *sorted({k for r in rows for k in r if k.startswith("proxy/")})) if any(k in r for r in rows)
-    ]
-    if not keys:
-        keys = ["trl/reward"]
+    keys = list(dict.fromkeys(k for rows in runs.values() for k in curve_keys(rows)))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
-        ax.set_xlabel("GRPO step")
-        ax.set_title(key.replace("proxy/", "").replace("phi", "Φ (inner run on the batch)"))
+        for name, rows in runs.items():
+            pts = [(r.get("examples") or r["step"], r[key]) for r in rows if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, label=name or None)
+        examples = any(r.get("examples") for rows in runs.values() for r in rows)
+        ax.set_xlabel("generated examples" if examples else "GRPO step")
+        ax.set_title(CURVE_TITLES.get(key, key.replace("proxy/", "")))
         ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -240,3 +240,29 @@ class InnerRunReward:
         decode = getattr(self.metric, "decode", None)
         if callable(decode):
             self.decoded = decode(params).cpu()
+
+
+class DistinctShare:
+    """A TRL reward callable that also records the share of distinct completions in each
+    generated batch (over every process): a policy collapsing onto a few texts shows here
+    first. Calls, and every other attribute, are the wrapped reward's."""
+
+    def __init__(self, reward):
+        self.reward = reward
+        self.__name__ = getattr(reward, "__name__", type(reward).__name__)  # TRL names the reward's logs after it
+        self.share: float | None = None  # distinct completions / completions, last generated batch
+
+    def __call__(self, prompts, completions, **kwargs):
+        texts = [completion_text(c) for c in completions]
+        group = data_parallel_group()
+        if group is not None:  # each process holds a slice of the batch
+            parts: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
+            dist.all_gather_object(parts, texts, group=group)
+            texts = [t for part in parts for t in part]
+        self.share = len(set(texts)) / max(len(texts), 1)
+        return self.reward(prompts=prompts, completions=completions, **kwargs)
+
+    def __getattr__(self, name):  # only for names not set above: history, metric, decoded, ...
+        if "reward" not in self.__dict__:  # a copy being built
+            raise AttributeError(name)
+        return getattr(self.__dict__["reward"], name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +51,8 @@ def check_settings(cfg) -> None:
     for key, (value, low) in least.items():
         if value is not None and value < low:
             raise DpgError(f"{key} must be at least {low}, got {value}")
+    if cfg.time_limit < 0:
+        raise DpgError(f"time_limit must be at least 0 minutes (0: none), got {cfg.time_limit}")
     if g.temperature <= 0:
         raise DpgError(f"grpo.temperature must be positive, got {g.temperature}")
     if g.allowed_tokens not in ("all", "ascii"):
@@ -162,6 +165,26 @@ class CheckpointSeal(TrainerCallback):
         tmp.write_text(json.dumps({"global_step": state.global_step}))
         os.replace(tmp, folder / SEAL)
         _fsync_dir(folder)
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training at the end of the first step (generated batch) that ends more than
+    `minutes` after `start` (time.monotonic()), with a checkpoint, so that a long run goes in
+    pieces (device calls of at most 10 minutes) and the same command resumes it. `stopped`
+    tells the caller the run is unfinished."""
+
+    def __init__(self, minutes: float, per_step: int, start: float):
+        self.seconds, self.per_step, self.start = minutes * 60.0, per_step, start
+        self.stopped = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        whole_step = state.global_step % self.per_step == 0  # policy updates of one generated batch done
+        late = self.seconds > 0 and time.monotonic() - self.start > self.seconds
+        if whole_step and late and state.global_step < state.max_steps:
+            control.should_save = True  # sealed by CheckpointSeal like any other checkpoint
+            control.should_training_stop = True
+            self.stopped = True
+        return control
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -130,10 +130,13 @@ def lora_config(cfg: LoraSettings):
     )
 
 
-def run_train(cfg: TrainConfig) -> Path:
-    """Train; return the directory of the final generator (a standard HF model directory)."""
-    from dpg.safety import check_run, check_settings
+def run_train(cfg: TrainConfig) -> Path | None:
+    """Train; return the directory of the final generator (a standard HF model directory), or
+    None when `time_limit` stopped the run before its last step (the same call resumes it)."""
+    from dpg.rewards import DistinctShare
+    from dpg.safety import TimeLimit, check_run, check_settings
 
+    began = time.monotonic()
     check_settings(cfg)  # counts and sizes, before anything loads
     device, main = process_device(cfg.device)
     out = Path(cfg.output_dir)
@@ -143,14 +146,21 @@ def run_train(cfg: TrainConfig) -> Path:
     args = grpo_config(cfg, device, generator_tok)
     target, target_tok = load(cfg.target, device=device)
     reward = build_reward(cfg, target, target_tok, device, resolve_dtype(cfg.dtype), steps_per_batch=args.logging_steps)
+    reward = DistinctShare(reward)  # logs the share of distinct completions of every step
     check_run(cfg, prompts, generator, generator_tok, target, getattr(reward, "metric", None))  # before any compute
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
     if cfg.grpo.beta:
         give_reference_a_directory(generator, generator_tok, out, main)
-    trainer, log = build_trainer(cfg, args, generator, generator_tok, reward, prompts, main)
+    limit = TimeLimit(cfg.time_limit, args.logging_steps, start=began)
+    trainer, log = build_trainer(cfg, args, generator, generator_tok, reward, prompts, main, limit)
     start = time.perf_counter()
     train_or_restore(trainer, log, cfg, args, main)
+    if limit.stopped:
+        if main:
+            print(f"stopped after step {trainer.state.global_step // args.logging_steps}/{cfg.grpo.steps}: "
+                  f"time_limit of {cfg.time_limit:g} minutes; the same command resumes")  # fmt: skip
+        return None
     summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "last": log.last_row}
     return save_generator(trainer, generator_tok, out, summary, main)
 
@@ -193,8 +203,9 @@ def sampler_for(g, args):
     return TRLRollout(dtype=dtype[g.sampler_dtype])
 
 
-def build_trainer(cfg: TrainConfig, args, generator, generator_tok, reward, prompts: list, main: bool):
-    """TRL's GRPOTrainer with dpg's callbacks: the run log, the finite guard, the checkpoint seal."""
+def build_trainer(cfg: TrainConfig, args, generator, generator_tok, reward, prompts: list, main: bool, limit=None):
+    """TRL's GRPOTrainer with dpg's callbacks: the run log, the finite guard, the checkpoint
+    seal, and the time limit (safety.TimeLimit), if any."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
@@ -207,12 +218,13 @@ def build_trainer(cfg: TrainConfig, args, generator, generator_tok, reward, prom
     timer = rollout or GenerationTimer(generator)  # TRL reports its own timings only to W&B / MLflow
     log = RunLog(
         Path(cfg.output_dir), reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps,
-        png_every=cfg.grpo.png_every, enabled=main,
+        png_every=cfg.grpo.png_every, enabled=main, batch=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
     )  # fmt: skip
     trainer = GRPOTrainer(
         model=generator, reward_funcs=[reward], args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=generator_tok, peft_config=lora_config(cfg.lora),
-        callbacks=[log, FiniteGuard(args.logging_steps), CheckpointSeal()], rollout_func=rollout,
+        callbacks=[log, FiniteGuard(args.logging_steps), CheckpointSeal(), *([limit] if limit else [])],
+        rollout_func=rollout,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # RunLog prints one readable line per step instead
     hf_logging.disable_progress_bar()  # no bars for writing shards at every checkpoint

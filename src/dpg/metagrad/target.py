@@ -80,11 +80,21 @@ def prepared(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Iter
     )
     module = model if in_place else copy.deepcopy(model).to(device=device, dtype=dtype)
     was_training, attn = module.training, _attn_implementation(module)
+    # nn.Embedding's padding_idx is a rule of reverse mode alone (the pad row gets no gradient
+    # from its lookups); forward-mode AD does not follow it. With a tied head (SmolLM2, and any
+    # model whose pad token is also bos) the pad row's tangent would then reach the loss
+    # through the lookups that its gradient skips, and the scores were wrong by O(1). Inside
+    # the engine the pad row is trained like every other row, in every pass.
+    pads = [(m, m.padding_idx) for m in module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
     try:
         module.eval()
+        for m, _ in pads:
+            m.padding_idx = None
         _use_differentiable_attention(module)
         yield _describe(model, module, trainable)
     finally:
+        for m, idx in pads:
+            m.padding_idx = idx
         module.train(was_training)
         if attn is not None and _attn_implementation(module) != attn:
             module.set_attn_implementation(attn)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One paper demonstration on the device machine, trained in pieces that fit one call: every run
+# of the demonstration trains side by side for PIECE_MIN minutes (time_limit: each stops after a
+# sealed checkpoint), and the same command on the same warm machine resumes them; a run whose
+# training has ended gets its transfer check. Each call sends back, in $OUT/paper_DEMO.tgz, what
+# the runs have so far, laid out as in the repo (benchmarks/results/paper/NAME.{metrics.jsonl,
+# evaluate.json,curves.png}), so `tar xzf paper_DEMO.tgz` at the repo root files the results.
+#   bash benchmarks/gpu_demo.sh DEMO [RUN ...]      (device tool: carry .whl and .gpu)
+# DEMO is a config in configs/paper/ (67, qr, l2, german, spanish, uuid). RUN: metagrad, naive,
+# and the baselines: language_id, embedding (language), levenshtein (uuid). Default: all of them
+# that apply. The naive reward and the baselines train with the same budget (grpo.steps).
+# Call it again until it prints "all done" (three calls for 25 minutes of training).
+set -uo pipefail
+demo=${1:?usage: gpu_demo.sh DEMO [RUN ...]}; shift
+cfg=configs/paper/$demo.yaml
+[ -f "$cfg" ] || { echo "no $cfg"; exit 2; }
+runs=("$@")
+if [ ${#runs[@]} = 0 ]; then
+  runs=(metagrad naive)
+  grep -q "language_id" "$cfg" && runs+=(language_id embedding)
+  grep -q "levenshtein" "$cfg" && runs+=(levenshtein)
+fi
+# SETUP=0 skips the device-machine setup; DEVICE and EXTRA (more overrides) let the same
+# script run anywhere, e.g. on a CPU with tiny models to try it.
+[ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
+piece=${PIECE_MIN:-6.5}  # minutes of training a run and call (time_limit); the rest: loading, transfer check
+out=${OUT:-/tmp/out}; res=benchmarks/results/paper; mkdir -p "$out" "$res" runs/paper
+deadline=${BUDGET_S:-540}  # seconds since the call began: every job ends by then, so the results come back
+for run in "${runs[@]}"; do
+  name=$demo; [ "$run" = metagrad ] || name=$demo-$run
+  over="output_dir=runs/paper/$name device=${DEVICE:-cuda} time_limit=$piece ${EXTRA:-}"
+  [ "$run" = metagrad ] || over="$over reward.name=$run"
+  [ "$run" = naive ] && over="$over reward.cross_group_batching=false"
+  (
+    if [ ! -d "runs/paper/$name/generator" ]; then python3 -m dpg.cli train "$cfg" $over || exit; fi
+    if [ -d "runs/paper/$name/generator" ] && [ ! -f "runs/paper/$name/evaluate.json" ]; then
+      python3 -m dpg.cli evaluate "$cfg" $over
+    fi
+  ) >>"runs/paper/$name.log" 2>&1 &
+  sleep 15  # stagger model loading (the first converts SmolLM2's GGUF into the cache)
+done
+while [ "$SECONDS" -lt "$deadline" ] && [ -n "$(jobs -rp)" ]; do sleep 5; done
+for p in $(jobs -rp); do pkill -P "$p"; kill "$p" 2>/dev/null; echo "job $p stopped at the deadline"; done
+wait
+left=0
+for run in "${runs[@]}"; do
+  name=$demo; [ "$run" = metagrad ] || name=$demo-$run
+  echo "== $name"; grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" "runs/paper/$name.log" | tail -4
+  [ -f "runs/paper/$name/metrics.jsonl" ] && cp "runs/paper/$name/metrics.jsonl" "$res/$name.metrics.jsonl"
+  [ -f "runs/paper/$name/evaluate.json" ] && cp "runs/paper/$name/evaluate.json" "$res/$name.evaluate.json" || left=1
+done
+python3 benchmarks/paper_results.py "$demo" 2>&1 | tail -2
+tar czf "$out/paper_$demo.tgz" $res/$demo*.* runs/paper/$demo*.log
+[ $left = 0 ] && echo "all done: $demo" || echo "not done: run the same command again to resume"

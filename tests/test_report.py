@@ -1,0 +1,74 @@
+"""What a run shows: the distinct-completion share, the per-step row and console line, the
+curves' panels."""
+
+import json
+
+from dpg.report import RunLog, console_line, curve_keys, plot_runs
+from dpg.rewards import DistinctShare
+
+
+class Scored:
+    """A reward with the attributes RunLog reads from dpg's rewards."""
+
+    __name__ = "scored"
+
+    def __init__(self):
+        self.history, self.calls = [], []
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls.append((list(prompts), list(completions), kwargs))
+        self.history.append({"step": len(self.history) + 1, "phi": -0.5, "seconds": 0.25})
+        return [float(len(c)) for c in completions]
+
+
+def test_distinct_share_counts_texts_and_passes_everything_through():
+    inner = Scored()
+    reward = DistinctShare(inner)
+    assert reward.__name__ == "scored" and reward.share is None
+    chat = [[{"role": "assistant", "content": "a b"}], [{"role": "assistant", "content": "a b"}]]
+    out = reward(prompts=["p"] * 6, completions=["x", "y", "x", "x", *["zz"] * 2], completion_ids=None, trainer_state=1)
+    assert out == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0] and reward.share == 3 / 6  # x, y, zz
+    assert inner.calls[0][2] == {"completion_ids": None, "trainer_state": 1}
+    reward(prompts=["p", "q"], completions=chat)  # chat completions: the message text
+    assert reward.share == 1 / 2
+    assert reward.history is inner.history and len(reward.history) == 2  # the reward's own attributes
+    assert not hasattr(reward, "no_such_attribute")
+
+
+def test_run_log_row_has_examples_entropy_and_distinct_share(tmp_path, capsys):
+    from transformers import TrainerControl, TrainerState
+
+    reward = DistinctShare(Scored())
+    reward(prompts=["p"] * 4, completions=["a", "a", "b", "c"])
+
+    class NoTimer:
+        def take(self):
+            return 1.5
+
+    log = RunLog(tmp_path, reward, NoTimer(), total_steps=10, per_step=8, png_every=0, batch=1024)
+    state = TrainerState()
+    state.global_step = 24  # step 3 of 8 policy updates each
+    log.on_log(None, state, TrainerControl(), logs={"loss": 0.1, "entropy": 2.5, "reward": 0.0})
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert (row["step"], row["examples"], row["distinct_share"], row["trl/entropy"]) == (3, 3 * 1024, 0.75, 2.5)
+    assert row["phi"] == -0.5
+    line = capsys.readouterr().out
+    assert line.startswith("step    3/10  Φ -0.5") and "entropy 2.5  distinct 0.75" in line
+
+
+def test_console_line_without_distinct_share():
+    row = {"step": 1, "trl/reward": 0.5, "time/generation": 1.0, "time/reward": 0.5, "time/update": 0.25}
+    assert console_line(row, 2).startswith("step    1/2  reward 0.5  | gen 1.00s")
+
+
+def test_curve_panels(tmp_path):
+    meta = [{"step": 1, "examples": 1024, "phi": -0.7, "proxy/pixel_accuracy": 0.5, "trl/entropy": 3.0,
+             "distinct_share": 1.0}]  # fmt: skip
+    base = [{"step": 1, "examples": 1024, "trl/reward": 0.1, "trl/entropy": 3.1, "distinct_share": 0.9}]
+    assert curve_keys(meta) == ["phi", "proxy/pixel_accuracy", "trl/entropy", "distinct_share"]
+    assert curve_keys(base) == ["trl/reward", "trl/entropy", "distinct_share"]
+    plot_runs({"metagrad": meta, "language_id": base}, tmp_path / "c.png", title="t")
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "c.png").size
+    assert width > 4 * height  # five panels side by side
