@@ -1,0 +1,363 @@
+"""Counterfactual benchmark: dpg's exact metagradients against the influence tools people use.
+
+    pip install -e '.[attribution-bench]'      # kronfluence, traker, dattri (pinned)
+    python benchmarks/attribution.py [--out benchmarks/results/attribution.json] [key=value ...]
+
+Task. A tiny Llama (dpg's `tiny-llama` preset, byte tokenizer) is pre-trained briefly on
+English text, then fine-tuned for M AdamW steps on a mixed pool: English and German text from
+../shared/data, Spanish (wrong language) and word-shuffled English and German (corrupted).
+Every example is exactly `seq_len` tokens, so no padding enters any library. Two metrics Φ
+(higher is better): `german`, minus the loss on held-out German text; `pattern`, the "67"
+pattern on the LM head (dpg.metrics.pattern_metric).
+
+Ground truth is real retraining (the same AdamW recipe, from the same pre-trained weights, on
+the kept examples in pool order, split into M batches):
+  LDS    for each fraction (50 %, 90 %), `subsets` random subsets; LDS is the Spearman
+         correlation, across subsets, of the retrained Φ with the sum of the kept examples'
+         scores.
+  top-k  for each k: drop the k examples a method calls most harmful, or keep only the k it
+         calls most helpful; retrain; ΔΦ against training on the whole pool. Random picks
+         (`random_seeds` of them) give the baseline, mean ± standard deviation.
+
+Every method returns one score per example on dpg's scale: positive = helps Φ. The methods
+themselves live in attribution_methods.py (they import the bench-only libraries); this file
+holds what the tests check (subsets, retraining loop, Spearman, LDS, top-k selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dpg.config import load_config
+from dpg.data import encode_texts, read_texts
+from dpg.metagrad.engine import Examples, Recipe, fine_tune
+from dpg.metrics import lm_loss_metric, pattern_metric
+from dpg.models import load_model
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+TASKS = ("german", "pattern")
+METHODS = ("dpg", "grad_dot", "tracin", "kronfluence_ekfac", "trak", "dattri_datainf")
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of the benchmark; the defaults are the documented run."""
+
+    pool: int = 512  # examples in the fine-tuning pool
+    seq_len: int = 64  # tokens per example (bytes: the tiny target's tokenizer)
+    steps: int = 4  # M, inner AdamW steps; the pool is split in order into M batches
+    lr: float = 3e-3  # inner AdamW learning rate (the other AdamW settings are dpg's defaults)
+    pretrain_steps: int = 300  # AdamW steps of English pre-training before the benchmark
+    pretrain_batch: int = 32  # examples per pre-training step
+    heldout: int = 32  # held-out German texts that the `german` metric measures the loss on
+    subsets: int = 64  # random subsets per fraction for the LDS
+    fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])  # kept share of the pool, per LDS
+    ks: list[int] = field(default_factory=lambda: [16, 64])  # top-k sizes
+    random_seeds: int = 5  # random picks per top-k setting (the baseline)
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # german | pattern
+    methods: list[str] = field(default_factory=lambda: list(METHODS))  # see attribution_methods.py
+    data_dir: str = str(DATA)  # ../shared/data: fortunes_{en,de,es}.txt
+    seed: int = 0  # pool sampling, subsets, random picks
+    device: str = "cpu"  # cpu | cuda: where the target trains and every method runs
+
+
+# ---------------------------------------------------------------- scoring a ranking
+
+
+def ranks(x: Tensor) -> Tensor:
+    """1-based ranks, ties get the mean of the ranks they span."""
+    x = x.double()
+    order = torch.argsort(x, stable=True)
+    r = torch.empty_like(x)
+    r[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    for v in torch.unique(x):
+        tied = x == v
+        if tied.sum() > 1:
+            r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(x: Sequence[float] | Tensor, y: Sequence[float] | Tensor) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the ranks."""
+    rx, ry = ranks(torch.as_tensor(x)), ranks(torch.as_tensor(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.norm() * ry.norm()).item()
+    return float((rx @ ry).item() / denom) if denom > 0 else float("nan")
+
+
+def random_subsets(n: int, fraction: float, count: int, seed: int) -> list[Tensor]:
+    """`count` subsets of round(fraction·n) of range(n), each sorted (pool order kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = round(fraction * n)
+    return [torch.randperm(n, generator=gen)[:size].sort().values for _ in range(count)]
+
+
+def lds(scores: Tensor, subsets: Sequence[Tensor], actual: Sequence[float]) -> float:
+    """Linear datamodeling score: Spearman of Φ(S) with Σ_{i∈S} score_i over the subsets."""
+    predicted = [float(scores[s].sum()) for s in subsets]
+    return spearman(predicted, actual)
+
+
+def top_k(scores: Tensor, k: int) -> dict[str, Tensor]:
+    """The training sets a ranking picks: the pool without its k lowest scores, and its k
+    highest alone; sorted indices (pool order). Ties go to the lower index (stable sort)."""
+    order = torch.argsort(scores, stable=True)  # ascending: most harmful first
+    return {
+        f"drop_harmful_{k}": order[k:].sort().values,
+        f"keep_helpful_{k}": order[-k:].sort().values,
+    }
+
+
+def random_picks(n: int, k: int, seed: int) -> dict[str, Tensor]:
+    """The random baseline's training sets for one seed, like `top_k`'s."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return {f"drop_harmful_{k}": perm[k:].sort().values, f"keep_helpful_{k}": perm[:k].sort().values}
+
+
+# ---------------------------------------------------------------- ground truth
+
+
+Retrain = Callable[[Tensor], dict[str, float]]  # sorted kept indices -> {task: Φ after retraining on them}
+
+
+def make_retrain(
+    model, examples: Examples, recipe: Recipe, metrics: dict[str, Callable], dtype: torch.dtype = torch.float32
+) -> Retrain:
+    """Φ of every metric after fine-tuning `model` from its weights on the kept examples alone
+    (same recipe). The tasks share pool and recipe, so one retraining serves them all; each
+    training set is trained once (cached by its indices)."""
+    base = {k: p.detach() for k, p in model.named_parameters()}
+    cache: dict[bytes, dict[str, float]] = {}
+
+    def retrain(keep: Tensor) -> dict[str, float]:
+        key = keep.numpy().tobytes()
+        if key not in cache:
+            subset = Examples(*(x[keep] for x in examples))
+            params = {**base, **fine_tune(model, subset, recipe, dtype=dtype).params}
+            with torch.no_grad():
+                cache[key] = {name: float(metric(params)) for name, metric in metrics.items()}
+        return cache[key]
+
+    return retrain
+
+
+def ground_truth(retrain: Retrain, n: int, cfg: BenchConfig) -> dict[float, tuple[list[Tensor], list[dict]]]:
+    """For each fraction: the random subsets and Φ retrained on each (method-independent)."""
+    out = {}
+    for j, fraction in enumerate(cfg.fractions):
+        subsets = random_subsets(n, fraction, cfg.subsets, seed=cfg.seed * 1000 + j)
+        out[fraction] = (subsets, [retrain(s) for s in subsets])
+    return out
+
+
+def evaluate_scores(scores: Tensor, task: str, truth: dict, retrain: Retrain, phi_full: float, ks) -> dict:
+    """LDS per fraction and ΔΦ (against the whole pool) of each top-k training set, on `task`."""
+    row = {f"lds_{round(f * 100)}": lds(scores, s, [p[task] for p in phis]) for f, (s, phis) in truth.items()}
+    row["topk_gain"] = {name: retrain(keep)[task] - phi_full for k in ks for name, keep in top_k(scores, k).items()}
+    return row
+
+
+def random_baseline(retrain: Retrain, task: str, n: int, phi_full: float, cfg: BenchConfig) -> dict:
+    """ΔΦ of random picks on `task`: mean and standard deviation over `random_seeds` seeds."""
+    gains: dict[str, list[float]] = {}
+    for s in range(cfg.random_seeds):
+        for k in cfg.ks:
+            for name, keep in random_picks(n, k, seed=cfg.seed * 1000 + 500 + s).items():
+                gains.setdefault(name, []).append(retrain(keep)[task] - phi_full)
+    stats = {name: torch.tensor(g, dtype=torch.float64) for name, g in gains.items()}
+    return {
+        "topk_gain": {name: float(g.mean()) for name, g in stats.items()},
+        "topk_gain_std": {name: float(g.std()) if len(g) > 1 else 0.0 for name, g in stats.items()},
+    }
+
+
+# ---------------------------------------------------------------- the task
+
+
+@dataclass
+class Task:
+    """What every method sees: θ_0, the pool, the inner run and Φ."""
+
+    name: str  # german | pattern
+    model: torch.nn.Module  # the pre-trained target, θ_0 (never modified)
+    examples: Examples  # the pool, (N, seq_len) each, no padding
+    kinds: list[str]  # per example: en, de, es, shuffled-en, shuffled-de
+    recipe: Recipe  # the inner run (AdamW, M steps)
+    metric: Callable  # Φ(params), higher is better
+    query: Examples | None  # german: the held-out texts, Φ = −mean of their losses; pattern: None
+
+
+def clean_blocks(path: Path, min_bytes: int) -> list[str]:
+    """A fortune file's quotes, whitespace collapsed, at least `min_bytes` long in UTF-8."""
+    texts, _ = read_texts(path)
+    texts = [re.sub(r"\s+", " ", t).strip() for t in texts]
+    return [t for t in texts if len(t.encode()) >= min_bytes]
+
+
+def shuffled_words(text: str, rng: random.Random) -> str:
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def build_pool(cfg: BenchConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(pool texts, their kinds, held-out German, English pre-training texts), disjoint."""
+    rng = random.Random(cfg.seed)
+    data = Path(cfg.data_dir)
+    lang = {x: clean_blocks(data / f"fortunes_{x}.txt", cfg.seq_len) for x in ("en", "de", "es")}
+    for texts in lang.values():
+        rng.shuffle(texts)
+    n = cfg.pool
+    counts = {"en": 3 * n // 8, "de": n // 4, "es": n // 8, "shuffled-en": n // 8}
+    counts["shuffled-de"] = n - sum(counts.values())
+    en, de = iter(lang["en"]), iter(lang["de"])
+    pool = [(next(en), "en") for _ in range(counts["en"])] + [(next(de), "de") for _ in range(counts["de"])]
+    pool += [(lang["es"][i], "es") for i in range(counts["es"])]
+    pool += [(shuffled_words(next(en), rng), "shuffled-en") for _ in range(counts["shuffled-en"])]
+    pool += [(shuffled_words(next(de), rng), "shuffled-de") for _ in range(counts["shuffled-de"])]
+    rng.shuffle(pool)
+    heldout = [next(de) for _ in range(cfg.heldout)]
+    pretrain = list(en)[: cfg.pretrain_steps * cfg.pretrain_batch]
+    return [t for t, _ in pool], [k for _, k in pool], heldout, pretrain
+
+
+def pretrained_target(cfg: BenchConfig, texts: list[str]):
+    """dpg's tiny-llama, trained briefly on English so that it is not random."""
+    model, tok = load_model("tiny-llama")
+    model.to(cfg.device)
+    model.config._attn_implementation = "eager"  # per-example gradients (vmap) in every library
+    examples = encode_texts(tok, texts, cfg.seq_len)
+    recipe = Recipe(lr=3e-3, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, weight_decay=0.0)
+    params = fine_tune(model, examples, recipe).params
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    return model, tok
+
+
+def build_tasks(cfg: BenchConfig) -> list[Task]:
+    texts, kinds, heldout, pretrain = build_pool(cfg)
+    model, tok = pretrained_target(cfg, pretrain)
+    examples = encode_texts(tok, texts, cfg.seq_len)
+    assert bool(examples.attention_mask.all()), "every pool text fills seq_len"
+    recipe = Recipe(lr=cfg.lr, steps=cfg.steps)
+    tasks = []
+    for name in cfg.tasks:
+        if name == "german":
+            metric = lm_loss_metric(model, tok, heldout, cfg.seq_len)
+            tasks.append(Task(name, model, examples, kinds, recipe, metric, metric.examples))
+        elif name == "pattern":
+            tasks.append(Task(name, model, examples, kinds, recipe, pattern_metric(model, "67"), None))
+        else:
+            raise SystemExit(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return tasks
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_task(task: Task, retrain: Retrain, truth: dict, cfg: BenchConfig) -> dict:
+    """Every method's scores on one task, judged against retraining."""
+    from attribution_methods import run_method  # imports the bench-only libraries lazily
+
+    n = task.examples.input_ids.shape[0]
+    phi_full = retrain(torch.arange(n))[task.name]
+    print(f"[{task.name}] Φ(θ_0) {_phi0(task):.6g}, after fine-tuning on the whole pool {phi_full:.6g}", flush=True)
+    methods = {}
+    for name in cfg.methods:
+        scores, seconds = run_method(name, task)
+        methods[name] = {**evaluate_scores(scores, task.name, truth, retrain, phi_full, cfg.ks), "seconds": seconds}
+        methods[name]["by_kind"] = _mean_by_kind(scores, task.kinds)
+        print(f"[{task.name}] {name}: {_fmt(methods[name])}", flush=True)
+    methods["random"] = {"lds_50": None, "lds_90": None, **random_baseline(retrain, task.name, n, phi_full, cfg)}
+    methods["random"]["seconds"] = 0.0
+    subsets = {
+        str(round(f * 100)): {"phi": [p[task.name] for p in phis], "phi_std": float(torch.tensor([p[task.name] for p in phis]).std())}
+        for f, (_, phis) in truth.items()
+    }  # fmt: skip
+    return {"phi_before": _phi0(task), "phi_full": phi_full, "subsets": subsets, "methods": methods}
+
+
+def _phi0(task: Task) -> float:
+    with torch.no_grad():
+        return float(task.metric({k: p.detach() for k, p in task.model.named_parameters()}))
+
+
+def _mean_by_kind(scores: Tensor, kinds: list[str]) -> dict[str, float]:
+    """Mean score per kind of text (en, de, ...): which data a method calls helpful."""
+    return {k: float(scores[[i for i, x in enumerate(kinds) if x == k]].mean()) for k in sorted(set(kinds))}
+
+
+def _fmt(row: dict) -> str:
+    lds_part = ", ".join(f"{k} {row[k]:.3f}" for k in row if k.startswith("lds_"))
+    gains = ", ".join(f"{k} {v:+.3g}" for k, v in row["topk_gain"].items())
+    return f"{lds_part}; ΔΦ {gains}; {row['seconds']:.1f} s"
+
+
+def table(results: dict) -> str:
+    """The README's markdown table: one row per task and method."""
+    lines = ["| task | method | LDS 50 % | LDS 90 % | ΔΦ drop 16 harmful | ΔΦ drop 64 harmful | "
+             "ΔΦ keep 16 helpful | ΔΦ keep 64 helpful | seconds |", "|---" * 9 + "|"]  # fmt: skip
+    for task, res in results["tasks"].items():
+        for name, row in res["methods"].items():
+            std = row.get("topk_gain_std", {})
+            cells = [f"{row[k]:.3f}" if row.get(k) is not None else "—" for k in ("lds_50", "lds_90")]
+            for key in ("drop_harmful_16", "drop_harmful_64", "keep_helpful_16", "keep_helpful_64"):
+                value = row["topk_gain"].get(key)
+                cell = "—" if value is None else f"{value:+.2e}"
+                cells.append(cell + (f" ± {std[key]:.1e}" if key in std else ""))
+            lines.append(f"| {task} | {name} | " + " | ".join(cells) + f" | {row['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/attribution.json")
+    ap.add_argument("overrides", nargs="*", help="BenchConfig fields, e.g. pool=128 subsets=16")
+    args = ap.parse_args(argv)
+    cfg = load_config(BenchConfig, None, args.overrides)
+    torch.manual_seed(cfg.seed)
+    wall, cpu = time.perf_counter(), time.process_time()
+    tasks = build_tasks(cfg)
+    pool = tasks[0].examples
+    retrain = make_retrain(tasks[0].model, pool, tasks[0].recipe, {t.name: t.metric for t in tasks})
+    start = time.perf_counter()
+    truth = ground_truth(retrain, pool.input_ids.shape[0], cfg)
+    print(f"ground truth: {cfg.subsets * len(cfg.fractions)} retrainings, {time.perf_counter() - start:.0f} s", flush=True)
+    results = {"config": asdict(cfg), "tasks": {t.name: run_task(t, retrain, truth, cfg) for t in tasks}}
+    results["methods"] = results["tasks"][cfg.tasks[0]]["methods"]  # the first task's, as the issue's schema
+    results["seconds"] = {"wall": time.perf_counter() - wall, "cpu_process": time.process_time() - cpu}
+    results["environment"] = _environment()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"wall {results['seconds']['wall']:.0f} s, process CPU {results['seconds']['cpu_process']:.0f} s; {args.out}")
+
+
+def _environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "kronfluence", "traker", "dattri"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            env[pkg] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+if __name__ == "__main__":
+    main()
