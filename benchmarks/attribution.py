@@ -55,10 +55,10 @@ class BenchConfig:
     """Sizes of the benchmark; the defaults are the documented run."""
 
     pool: int = 512  # examples in the fine-tuning pool
-    seq_len: int = 64  # tokens per example (bytes: the tiny target's tokenizer)
+    seq_len: int = 48  # tokens per example (bytes: the tiny target's tokenizer)
     steps: int = 4  # M, inner AdamW steps; the pool is split in order into M batches
     lr: float = 3e-3  # inner AdamW learning rate (the other AdamW settings are dpg's defaults)
-    pretrain_steps: int = 300  # AdamW steps of English pre-training before the benchmark
+    pretrain_steps: int = 200  # AdamW steps of English pre-training before the benchmark
     pretrain_batch: int = 32  # examples per pre-training step
     heldout: int = 32  # held-out German texts that the `german` metric measures the loss on
     subsets: int = 64  # random subsets per fraction for the LDS

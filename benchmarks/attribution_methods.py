@@ -39,7 +39,7 @@ def run_method(name: str, task: Task) -> tuple[Tensor, float]:
     """Scores of `name` on `task` and the seconds they took (training θ_M included where needed)."""
     fn = globals()[METHODS[name]]
     start = time.perf_counter()
-    scores = fn(task).double().flatten()
+    scores = fn(task).detach().double().flatten().cpu()
     return scores, time.perf_counter() - start
 
 
