@@ -306,26 +306,32 @@ def _fmt(row: dict) -> str:
 
 
 def table(results: dict) -> str:
-    """The README's markdown table: one row per task and method."""
-    lines = ["| task | method | LDS 50 % | LDS 90 % | ΔΦ drop 16 harmful | ΔΦ drop 64 harmful | "
-             "ΔΦ keep 16 helpful | ΔΦ keep 64 helpful | seconds |", "|---" * 9 + "|"]  # fmt: skip
+    """The README's markdown table: one row per task and method; ΔΦ against the whole pool."""
+    first = next(iter(results["tasks"].values()))["methods"]
+    keys = list(next(iter(first.values()))["topk_gain"])  # drop_harmful_16, keep_helpful_16, ...
+    head = ["task", "method", "LDS 50 %", "LDS 90 %", *(k.replace("_", " ") for k in keys), "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for task, res in results["tasks"].items():
         for name, row in res["methods"].items():
             std = row.get("topk_gain_std", {})
             cells = [f"{row[k]:.3f}" if row.get(k) is not None else "—" for k in ("lds_50", "lds_90")]
-            for key in ("drop_harmful_16", "drop_harmful_64", "keep_helpful_16", "keep_helpful_64"):
+            for key in keys:
                 value = row["topk_gain"].get(key)
                 cell = "—" if value is None else f"{value:+.2e}"
                 cells.append(cell + (f" ± {std[key]:.1e}" if key in std else ""))
-            lines.append(f"| {task} | {name} | " + " | ".join(cells) + f" | {row['seconds']:.1f} |")
+            lines.append(f"| {task} | {name} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/attribution.json")
+    ap.add_argument("--table", metavar="JSON", help="only print the table of a finished run's JSON")
     ap.add_argument("overrides", nargs="*", help="BenchConfig fields, e.g. pool=128 subsets=16")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     cfg = load_config(BenchConfig, None, args.overrides)
     torch.manual_seed(cfg.seed)
     wall, cpu = time.perf_counter(), time.process_time()
