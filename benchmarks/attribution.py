@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from dpg.config import load_config
 from dpg.data import encode_texts, read_texts
@@ -158,7 +159,8 @@ def ground_truth(retrain: Retrain, n: int, cfg: BenchConfig) -> dict[float, tupl
     out = {}
     for j, fraction in enumerate(cfg.fractions):
         subsets = random_subsets(n, fraction, cfg.subsets, seed=cfg.seed * 1000 + j)
-        out[fraction] = (subsets, [retrain(s) for s in subsets])
+        bar = tqdm(subsets, desc=f"retraining on {round(fraction * 100)} % subsets", unit="run", leave=False)
+        out[fraction] = (subsets, [retrain(s) for s in bar])
     return out
 
 
