@@ -71,6 +71,7 @@ class BenchConfig:
     data_dir: str = str(DATA)  # ../shared/data: fortunes_{en,de,es}.txt
     seed: int = 0  # pool sampling, subsets, random picks
     device: str = "cpu"  # cpu | cuda: where the target trains and every method runs
+    retrain: str = "subset"  # subset: train on the kept examples alone, split into M batches; zero_weight: the pool's own batches, removed examples weighted 0
     threads: int = 1  # torch CPU threads (on a shared machine one thread wastes no time spinning)
 
 
@@ -134,19 +135,30 @@ Retrain = Callable[[Tensor], dict[str, float]]  # sorted kept indices -> {task: 
 
 
 def make_retrain(
-    model, examples: Examples, recipe: Recipe, metrics: dict[str, Callable], dtype: torch.dtype = torch.float32
-) -> Retrain:
-    """Φ of every metric after fine-tuning `model` from its weights on the kept examples alone
-    (same recipe). The tasks share pool and recipe, so one retraining serves them all; each
-    training set is trained once (cached by its indices)."""
+    model, examples: Examples, recipe: Recipe, metrics: dict[str, Callable], dtype: torch.dtype = torch.float32,
+    mode: str = "subset",
+) -> Retrain:  # fmt: skip
+    """Φ of every metric after fine-tuning `model` from its weights (same recipe) on the kept
+    examples alone ("subset": they are split into M batches afresh, so removing one shifts the
+    batch boundaries) or on the whole pool's batches with the others weighted 0 ("zero_weight":
+    every kept example stays in its step and each batch keeps its divisor |B_t|, the
+    counterfactual dΦ/dw_i is the derivative of). The tasks share pool and recipe, so one
+    retraining serves them all; each training set is trained once (cached by its indices)."""
+    if mode not in ("subset", "zero_weight"):
+        raise SystemExit(f"retrain must be subset or zero_weight, got {mode!r}")
     base = {k: p.detach() for k, p in model.named_parameters()}
     cache: dict[bytes, dict[str, float]] = {}
 
     def retrain(keep: Tensor) -> dict[str, float]:
         key = keep.numpy().tobytes()
         if key not in cache:
-            subset = Examples(*(x[keep] for x in examples))
-            params = {**base, **fine_tune(model, subset, recipe, dtype=dtype).params}
+            if mode == "subset":
+                trained = fine_tune(model, Examples(*(x[keep] for x in examples)), recipe, dtype=dtype)
+            else:
+                weights = torch.zeros(examples.input_ids.shape[0], dtype=torch.float64)
+                weights[keep] = 1.0
+                trained = fine_tune(model, examples, recipe, weights, dtype=dtype)
+            params = {**base, **trained.params}
             with torch.no_grad():
                 cache[key] = {name: float(metric(params)) for name, metric in metrics.items()}
         return cache[key]
@@ -341,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     wall, cpu = time.perf_counter(), time.process_time()
     tasks = build_tasks(cfg)
     pool = tasks[0].examples
-    retrain = make_retrain(tasks[0].model, pool, tasks[0].recipe, {t.name: t.metric for t in tasks})
+    retrain = make_retrain(tasks[0].model, pool, tasks[0].recipe, {t.name: t.metric for t in tasks}, mode=cfg.retrain)
     start = time.perf_counter()
     truth = ground_truth(retrain, pool.input_ids.shape[0], cfg)
     print(f"ground truth: {cfg.subsets * len(cfg.fractions)} retrainings, {time.perf_counter() - start:.0f} s", flush=True)

@@ -80,7 +80,7 @@ def test_evaluate_and_random_baseline_on_an_additive_truth():
     assert flat["topk_gain_std"] == {"drop_harmful_2": 0.0, "keep_helpful_2": 0.0}
 
 
-def test_retrain_is_one_sgd_step_on_the_kept_examples_alone():
+def test_retrain_is_one_sgd_step_on_the_kept_examples():
     # SGD, one step, no weight decay, Φ = c·θ (linear): Φ(S) = c·θ_0 − lr·mean_{i∈S} c·∇l_i(θ_0),
     # with each ∇l_i from plain autograd on the model, example by example.
     torch.manual_seed(0)
@@ -100,9 +100,14 @@ def test_retrain_is_one_sgd_step_on_the_kept_examples_alone():
 
     dots = [grad_dot(i) for i in range(5)]
     phi0 = float((c * model.lm_head.weight.detach()).sum())
+    zero = bench.make_retrain(model, examples, recipe, {"lin": lambda p: (c * p[head]).sum()}, torch.float64,
+                              mode="zero_weight")  # fmt: skip
     for keep in ([0, 1, 2, 3, 4], [1, 3], [2]):
         expected = phi0 - 0.1 * sum(dots[i] for i in keep) / len(keep)
         assert retrain(torch.tensor(keep))["lin"] == pytest.approx(expected, rel=1e-10, abs=1e-12)
+        # the removed examples weighted 0 in the whole batch: the divisor stays 5
+        expected = phi0 - 0.1 * sum(dots[i] for i in keep) / 5
+        assert zero(torch.tensor(keep))["lin"] == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
 def test_pool_is_mixed_and_disjoint():
