@@ -71,7 +71,9 @@ class BenchConfig:
     data_dir: str = str(DATA)  # ../shared/data: fortunes_{en,de,es}.txt
     seed: int = 0  # pool sampling, subsets, random picks
     device: str = "cpu"  # cpu | cuda: where the target trains and every method runs
-    retrain: str = "subset"  # subset: train on the kept examples alone, split into M batches; zero_weight: the pool's own batches, removed examples weighted 0
+    # subset: train on the kept examples alone, split into M batches afresh;
+    # zero_weight: the pool's own batches, removed examples weighted 0
+    retrain: str = "subset"
     threads: int = 1  # torch CPU threads (on a shared machine one thread wastes no time spinning)
 
 
@@ -297,10 +299,10 @@ def run_task(task: Task, retrain: Retrain, truth: dict, cfg: BenchConfig) -> dic
         print(f"[{task.name}] {name}: {_fmt(methods[name])}", flush=True)
     methods["random"] = {"lds_50": None, "lds_90": None, **random_baseline(retrain, task.name, n, phi_full, cfg)}
     methods["random"]["seconds"] = 0.0
-    subsets = {
-        str(round(f * 100)): {"phi": [p[task.name] for p in phis], "phi_std": float(torch.tensor([p[task.name] for p in phis]).std())}
-        for f, (_, phis) in truth.items()
-    }  # fmt: skip
+    subsets = {}
+    for f, (_, phis) in truth.items():
+        values = [p[task.name] for p in phis]
+        subsets[str(round(f * 100))] = {"phi": values, "phi_std": float(torch.tensor(values).std())}
     return {"phi_before": _phi0(task), "phi_full": phi_full, "subsets": subsets, "methods": methods}
 
 
@@ -353,10 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     wall, cpu = time.perf_counter(), time.process_time()
     tasks = build_tasks(cfg)
     pool = tasks[0].examples
-    retrain = make_retrain(tasks[0].model, pool, tasks[0].recipe, {t.name: t.metric for t in tasks}, mode=cfg.retrain)
+    metrics = {t.name: t.metric for t in tasks}
+    retrain = make_retrain(tasks[0].model, pool, tasks[0].recipe, metrics, mode=cfg.retrain)
     start = time.perf_counter()
     truth = ground_truth(retrain, pool.input_ids.shape[0], cfg)
-    print(f"ground truth: {cfg.subsets * len(cfg.fractions)} retrainings, {time.perf_counter() - start:.0f} s", flush=True)
+    runs = cfg.subsets * len(cfg.fractions)
+    print(f"ground truth: {runs} retrainings, {time.perf_counter() - start:.0f} s", flush=True)
     results = {"config": asdict(cfg), "tasks": {t.name: run_task(t, retrain, truth, cfg) for t in tasks}}
     results["methods"] = results["tasks"][cfg.tasks[0]]["methods"]  # the first task's, as the schema
     results["seconds"] = {"wall": time.perf_counter() - wall, "cpu_process": time.process_time() - cpu}
