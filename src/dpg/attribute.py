@@ -13,11 +13,18 @@ from pathlib import Path
 
 import torch
 
+from dpg import memory
 from dpg.data import builtin_texts, encode_texts, read_texts
 from dpg.metagrad.engine import MetagradResult, Recipe, example_metagrads
 from dpg.metrics import MetricConfig, build_metric
 from dpg.models import ModelConfig, load
 from dpg.runtime import resolve_device, resolve_dtype
+from dpg.safety import phi_report
+
+_FIXES = (
+    "cut the inner batch into microbatches (recipe.microbatch_size), shorten the examples (max_length), "
+    "use fewer inner steps (recipe.steps) or offload=disk, or run on a device with more memory (device)"
+)
 
 
 @dataclass
@@ -25,7 +32,7 @@ class AttributeConfig:
     """dpg attribute: per-example metagradient scores of a data file."""
 
     target: ModelConfig = field(default_factory=ModelConfig)  # the model the inner run fine-tunes
-    recipe: Recipe = field(default_factory=lambda: Recipe(lr=1e-3))  # the inner run
+    recipe: Recipe = field(default_factory=Recipe)  # the inner run (the paper's AdamW, lr 5e-6)
     metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, the target metric
     data: str | None = None  # JSONL ("text", optional "prompt") or text file, an example a line; none: built-in texts
     max_length: int = 128  # tokens per example (prompt included), longer text is cut
@@ -42,9 +49,15 @@ def run_attribute(cfg: AttributeConfig) -> MetagradResult:
     model, tokenizer = load(cfg.target, device=device)
     examples = encode_texts(tokenizer, texts, cfg.max_length, prompts)
     metric = build_metric(cfg.metric, model, tokenizer)
+    r = cfg.recipe
+    estimate = memory.estimate_attribute(
+        memory.model_shape(model), examples=len(texts), length=examples.input_ids.shape[1], steps=r.steps,
+        optimizer=r.optimizer, microbatch=r.microbatch_size, dtype=dtype, device=device, offload=cfg.offload,
+    )  # fmt: skip
+    memory.ensure_fits(estimate, "dpg attribute", _FIXES)
     print(
-        f"target {cfg.target.model} on {device}: {len(texts)} examples, {cfg.recipe.steps} inner step(s), "
-        f"metric {cfg.metric.name}"
+        f"target {cfg.target.model} on {device}: {len(texts)} examples, {r.steps} inner step(s), lr {r.lr:g}, "
+        f"metric {cfg.metric.name} (estimated peak memory {estimate.total / memory.GB:.1f} GB)"
     )
     result = example_metagrads(
         model, examples, cfg.recipe, metric, dtype=dtype, device=device, offload=cfg.offload, progress=True
@@ -60,7 +73,7 @@ def run_attribute(cfg: AttributeConfig) -> MetagradResult:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     proxy = "".join(f", {k} {v:.4g}" for k, v in result.proxy.items())
-    print(f"Φ after the inner run: {result.metric:.6g}{proxy}")
+    print(phi_report(result.metric_before, result.metric, r.lr, suffix=proxy))
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     order = torch.argsort(result.scores, descending=True).tolist()
     k = min(cfg.top, len(order))

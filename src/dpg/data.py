@@ -81,6 +81,20 @@ def decode_bytes(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def utf8_text(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 (Latin-1, UTF-16, ...) is an error that
+    names the file and the first bad byte, rather than text silently full of U+FFFD."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is not text
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DpgError(
+            f"{path} is not UTF-8: byte {err.start} (line {line}) is {data[err.start : err.start + 1]!r}. "
+            f"Convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}"
+        ) from None
+
+
 def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[str] | None]:
     """Texts from a file. Returns (texts, prompts or None).
 
@@ -96,7 +110,7 @@ def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[s
     if path.suffix == ".parquet":
         texts, prompts = _parquet_column(path, field), None
     else:
-        raw = decode_bytes(path.read_bytes())
+        raw = utf8_text(path)
         if path.suffix in (".jsonl", ".json"):
             texts, prompts = _jsonl(path, raw, field)
         elif path.suffix == ".tsv":

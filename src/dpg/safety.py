@@ -115,6 +115,19 @@ def probe_metric(metric, target, name: str) -> float:
     return phi.item()
 
 
+def phi_report(before: float, after: float, lr: float, suffix: str = "") -> str:
+    """Φ before and after an inner run, with a warning when the run made it much worse:
+    usually a learning rate far too high for a pretrained model (the paper's is 5e-6), and
+    then every score describes the broken model."""
+    line = f"Φ before the inner run {before:.6g}, after {after:.6g}{suffix}"
+    if after < before - 0.5 * max(abs(before), 1e-12):
+        line += (
+            f"\nwarning: the inner run made Φ much worse ({before:.4g} -> {after:.4g}); recipe.lr = {lr:g} "
+            "is probably too high for this model (the paper's is 5e-6)"
+        )
+    return line
+
+
 def _not_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
     if not named:
         return []

@@ -1,0 +1,194 @@
+"""A new user's first hour (issue 10): memory estimates against measured peaks, defaults for
+pretrained models, no silent no-ops, and the friction a first run met."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dpg import memory
+from dpg.cli import main
+from dpg.errors import DpgError
+
+# A model whose memory is mostly its parameters, like a real small LM with a large vocabulary:
+# 65,536 × 128 tied embedding (8.4M) and two thin layers.
+SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=65536, max_position_embeddings=256, tie_word_embeddings=True,
+             bos_token_id=256, eos_token_id=256, pad_token_id=256)  # fmt: skip
+
+MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys, psutil, torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from dpg import memory
+    from dpg.models import byte_tokenizer
+    from dpg.config import load_config
+    from dpg.check import CheckConfig, run_check
+    from dpg.attribute import AttributeConfig, run_attribute
+    torch.set_num_threads(2)
+    settings, folder, command, overrides = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**settings)).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    seen = {}
+    real = memory.ensure_fits
+    memory.ensure_fits = lambda estimate, *a: (seen.setdefault("e", estimate), real(estimate, *a))
+    start = psutil.Process().memory_info().rss  # everything imported, nothing of the run held
+    cls, run = (CheckConfig, run_check) if command == "check" else (AttributeConfig, run_attribute)
+    run(load_config(cls, None, [f"target.model={folder}", *overrides]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    estimate = seen["e"]
+    print(json.dumps({"measured": peak - start, "estimated": estimate.total - estimate.parts.get("runtime", 0)}))
+    """
+)
+
+
+def measured_and_estimated(tmp_path, command: str, overrides: list[str]) -> tuple[int, int]:
+    args = json.dumps([SMALL, str(tmp_path / "model"), command, overrides])
+    out = subprocess.run([sys.executable, "-c", MEASURE, args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return row["measured"], row["estimated"]
+
+
+@pytest.mark.parametrize(
+    "command,overrides",
+    [
+        # dpg check in fp64 (the command that was killed at 24 GB): M = 1, one checked example.
+        ("check", ["num_examples=4", "max_length=16", "recipe.steps=1", "count=1"]),
+        # attribute with M = 2: every step's θ, g, m, v saved for the reverse sweep.
+        ("attribute", ["max_length=16", "recipe.steps=2", "output=/dev/null", "top=1"]),
+    ],
+)
+def test_memory_estimate_is_within_2x_of_the_measured_peak(tmp_path, command, overrides):
+    """The estimate of what a run adds to the process (beyond the imported runtime) is within
+    0.5x-2x of the peak resident memory measured in a fresh process."""
+    measured, estimated = measured_and_estimated(tmp_path, command, overrides)
+    assert 0.5 <= estimated / measured <= 2.0, (measured / 2**20, estimated / 2**20)
+
+
+def test_check_holds_few_parameter_copies(tmp_path):
+    """dpg check in fp64 once held ~9 copies of the parameters (model, θ_M, g, m, v, zero
+    moments, λ, γ and the adjoint's state); it must stay within the model plus 4."""
+    measured, _ = measured_and_estimated(tmp_path, "check", ["num_examples=4", "max_length=16", "recipe.steps=1", "count=1"])
+    params = 65536 * 128 + 2 * (4 * 128 * 128 + 3 * 128 * 256) + 5 * 128  # tied head, GQA halves k and v
+    logits = 4 * 60 * 65536 * 8  # (tokens × vocabulary) fp64 logits, softmax and their gradients
+    assert measured < 5 * params * 8 + logits, measured / (params * 8)
+
+
+def test_a_run_too_big_for_the_machine_is_refused_before_compute(monkeypatch, capsys):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30)  # a 1 GB machine
+    assert main(["attribute", "target.model=tiny-gpt2", "max_length=64", "output=/dev/null"]) == 0
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)
+    assert main(["attribute", "target.model=tiny-gpt2", "output=/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "recipe.microbatch_size" in err and "max_length" in err
+
+
+def test_estimate_counts_copies_and_logits_by_hand():
+    shape = memory.ModelShape(params=1000, trainable=1000, vocab=50, hidden=8, layers=1, intermediate=16, heads=2)
+    parts = memory.engine_parts(shape, examples=4, length=10, steps=1, optimizer="adamw", microbatch=None,
+                                nbytes=8, copied=False)  # fmt: skip
+    assert parts["parameter copies"] == 3 * 1000 * 8
+    per_layer = 40 * (12 * 8 + 4 * 16) + 2 * 4 * 2 * 10 * 10  # tokens·(12d + 4I) + 2·B·heads·T²
+    assert parts["activations"] == per_layer * 8 + 4 * 40 * 50 * 8
+    m3 = memory.engine_parts(shape, examples=6, length=10, steps=3, optimizer="adamw", microbatch=1,
+                             nbytes=4, copied=True)  # fmt: skip
+    assert m3["parameter copies"] == (4 * 3 + 3) * 1000 * 4 and m3["engine's model copy"] == 1000 * 4
+
+
+def test_model_shape_reads_a_tied_model_once():
+    from dpg.models import load_model
+
+    model, _ = load_model("tiny-gpt2", tie_word_embeddings=True)
+    shape = memory.model_shape(model)
+    assert shape.params == sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    assert (shape.vocab, shape.hidden, shape.layers, shape.heads) == (257, 64, 2, 4)
+    with pytest.raises(DpgError, match="needs about"):
+        memory.ensure_fits(memory.Estimate({"x": 10 * 2**60}, "cpu"), "dpg check", "use less")
+
+
+# ---------------------------------------------------------------- defaults for pretrained models
+
+
+def test_attribute_and_check_default_to_the_papers_lr():
+    from dpg.attribute import AttributeConfig
+    from dpg.check import CheckConfig
+
+    assert AttributeConfig().recipe.lr == CheckConfig().recipe.lr == 5e-6
+
+
+def test_phi_before_and_after_are_printed_and_a_much_worse_phi_warns(tmp_path, capsys):
+    from dpg.models import load_model
+
+    out = tmp_path / "s.jsonl"
+    assert main(["attribute", "target.model=tiny-gpt2", "metric.name=l2", f"output={out}", "top=1"]) == 0
+    printed = capsys.readouterr().out
+    found = re.search(r"Φ before the inner run ([-+.\de]+), after ([-+.\de]+)", printed)
+    model, _ = load_model("tiny-gpt2")
+    assert float(found.group(1)) == pytest.approx(-model.lm_head.weight.norm().item(), rel=1e-5)  # Φ = −‖W_head‖
+    assert abs(float(found.group(2)) - float(found.group(1))) < 1e-2 and "warning" not in printed  # lr 5e-6: a small move
+    # AdamW at lr 1 moves every weight by ~1: the held-out loss explodes, and the run says so.
+    held_out = ["metric.texts=[\"plain words here\", \"more plain words\"]"]
+    assert main(["attribute", "metric.name=lm_loss", *held_out, "recipe.lr=1.0", f"output={out}", "top=1"]) == 0
+    assert "warning: the inner run made Φ much worse" in capsys.readouterr().out
+
+
+def test_phi_report_by_hand():
+    from dpg.safety import phi_report
+
+    assert "warning" in phi_report(-3.9, -13.7, 1e-3) and "recipe.lr = 0.001" in phi_report(-3.9, -13.7, 1e-3)
+    assert "warning" not in phi_report(-3.9, -3.8, 5e-6) and "warning" not in phi_report(-3.9, -5.8, 5e-6)
+
+
+# ---------------------------------------------------------------- no silent no-ops
+
+
+@pytest.mark.parametrize("lr", ["-1e-3", "0", "nan", "inf"])
+def test_a_non_positive_or_non_finite_lr_is_refused(lr, capsys):
+    assert main(["attribute", f"recipe.lr={lr}", "output=/dev/null"]) == 2
+    assert "recipe.lr must be a" in capsys.readouterr().err
+
+
+def test_a_text_file_that_is_not_utf8_names_the_file_and_byte(tmp_path, capsys):
+    from dpg.data import read_texts
+
+    latin = tmp_path / "german.txt"
+    latin.write_bytes("Grüße aus Köln\nzweite Zeile\n".encode("latin-1"))
+    with pytest.raises(DpgError, match=r"german.txt is not UTF-8: byte 2 \(line 1\) is b'\\xfc'"):
+        read_texts(latin)
+    args = ["attribute", "metric.name=lm_loss", f"metric.texts_file={latin}", "output=/dev/null"]
+    assert main(args) == 2 and "is not UTF-8" in capsys.readouterr().err
+    latin.write_bytes("\ufeffGrüße\n".encode("utf-8"))  # UTF-8 with a byte-order mark is fine, the mark is dropped
+    assert read_texts(latin)[0] == ["Grüße"]
+
+
+# ---------------------------------------------------------------- friction
+
+
+def test_a_misspelled_preset_fails_at_once_with_a_suggestion():
+    import time
+
+    from dpg.models import PRESETS, load_model
+
+    start = time.perf_counter()
+    with pytest.raises(DpgError, match=r"unknown model 'tiny-llamma'\. Did you mean 'tiny-llama'\?") as err:
+        load_model("tiny-llamma")
+    assert all(p in str(err.value) for p in PRESETS)
+    with pytest.raises(DpgError, match="unknown model 'not a model!'"):  # cannot be a hub id either
+        load_model("not a model!")
+    assert time.perf_counter() - start < 5  # no hub retries
+
+
+def test_a_possible_hub_id_offline_searches_only_the_cache(monkeypatch):
+    from dpg.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DpgError, match="only the local cache was searched.*Presets: tiny-gpt2"):
+        load_model("dpg-test/no-such-model-xyz")
