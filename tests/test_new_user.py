@@ -22,6 +22,7 @@ SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
              num_key_value_heads=2, vocab_size=65536, max_position_embeddings=256, tie_word_embeddings=True,
              bos_token_id=256, eos_token_id=256, pad_token_id=256)  # fmt: skip
 
+CHECK_4x16 = ["num_examples=4", "max_length=16", "recipe.steps=1", "count=1"]
 MEASURE = textwrap.dedent(
     """
     import json, resource, sys, psutil, torch
@@ -61,7 +62,7 @@ def measured_and_estimated(tmp_path, command: str, overrides: list[str]) -> tupl
     "command,overrides",
     [
         # dpg check in fp64 (the command that was killed at 24 GB): M = 1, one checked example.
-        ("check", ["num_examples=4", "max_length=16", "recipe.steps=1", "count=1"]),
+        ("check", CHECK_4x16),
         # attribute with M = 2: every step's θ, g, m, v saved for the reverse sweep.
         ("attribute", ["max_length=16", "recipe.steps=2", "output=/dev/null", "top=1"]),
     ],
@@ -76,7 +77,7 @@ def test_memory_estimate_is_within_2x_of_the_measured_peak(tmp_path, command, ov
 def test_check_holds_few_parameter_copies(tmp_path):
     """dpg check in fp64 once held ~9 copies of the parameters (model, θ_M, g, m, v, zero
     moments, λ, γ and the adjoint's state); it must stay within the model plus 4."""
-    measured, _ = measured_and_estimated(tmp_path, "check", ["num_examples=4", "max_length=16", "recipe.steps=1", "count=1"])
+    measured, _ = measured_and_estimated(tmp_path, "check", CHECK_4x16)
     params = 65536 * 128 + 2 * (4 * 128 * 128 + 3 * 128 * 256) + 5 * 128  # tied head, GQA halves k and v
     logits = 4 * 60 * 65536 * 8  # (tokens × vocabulary) fp64 logits, softmax and their gradients
     assert measured < 5 * params * 8 + logits, measured / (params * 8)
@@ -133,7 +134,8 @@ def test_phi_before_and_after_are_printed_and_a_much_worse_phi_warns(tmp_path, c
     found = re.search(r"Φ before the inner run ([-+.\de]+), after ([-+.\de]+)", printed)
     model, _ = load_model("tiny-gpt2")
     assert float(found.group(1)) == pytest.approx(-model.lm_head.weight.norm().item(), rel=1e-5)  # Φ = −‖W_head‖
-    assert abs(float(found.group(2)) - float(found.group(1))) < 1e-2 and "warning" not in printed  # lr 5e-6: a small move
+    assert abs(float(found.group(2)) - float(found.group(1))) < 1e-2  # lr 5e-6: a small move
+    assert "warning" not in printed
     # AdamW at lr 1 moves every weight by ~1: the held-out loss explodes, and the run says so.
     held_out = ["metric.texts=[\"plain words here\", \"more plain words\"]"]
     assert main(["attribute", "metric.name=lm_loss", *held_out, "recipe.lr=1.0", f"output={out}", "top=1"]) == 0
@@ -192,3 +194,22 @@ def test_a_possible_hub_id_offline_searches_only_the_cache(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DpgError, match="only the local cache was searched.*Presets: tiny-gpt2"):
         load_model("dpg-test/no-such-model-xyz")
+
+
+def test_evaluate_notes_a_generator_that_did_not_change(tmp_path, capsys):
+    from dpg.config import load_config
+    from dpg.evaluate import run_evaluate
+    from dpg.models import load_model
+    from dpg.train import TrainConfig
+
+    base, tok = load_model("tiny-gpt2", seed=1)
+    base.save_pretrained(tmp_path / "generator")  # a "trained" generator identical to the base one
+    tok.save_pretrained(tmp_path / "generator")
+    overrides = [f"output_dir={tmp_path}", "generator.model=tiny-gpt2", "target.model=tiny-gpt2", "recipe.lr=1e-3",
+                 "evaluate.samples=4", "grpo.max_completion_length=4"]  # fmt: skip
+    results = run_evaluate(load_config(TrainConfig, None, overrides))
+    assert [r.generator for r in results] == ["base", "trained"] and results[0].samples == results[1].samples
+    assert "note: trained wrote exactly the base generator's samples" in capsys.readouterr().out
+    from dpg.evaluate import unchanged_note
+
+    assert unchanged_note([results[0], results[1]._replace(samples=["other"] * 4)]) is None

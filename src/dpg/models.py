@@ -382,7 +382,9 @@ def _load_pretrained(
     except (OSError, ValueError, KeyError, ImportError, NotImplementedError) as e:
         if path.exists():
             raise DpgError(f"could not load model from {spec}: {_first_line(e)}") from e
-        where_looked = " (the hub is offline or unreachable: only the local cache was searched)" if local_files_only else ""
+        where_looked = ""
+        if local_files_only:
+            where_looked = " (the hub is offline or unreachable: only the local cache was searched)"
         raise DpgError(
             f"model {spec!r} could not be found locally or on the Hugging Face hub{where_looked}: {_first_line(e)}. "
             f"Presets: {', '.join(PRESETS)}"

@@ -177,7 +177,8 @@ def step_adjoint(
 
     adj_g, adj_p, adj_m, adj_v = {}, {}, {}, {}
     for k in set(adj_params) | set(adj_state.m) | set(adj_state.v):
-        ins = (grads[k], state_after.m.get(k), state_after.v.get(k), adj_params.get(k), adj_state.m.get(k), adj_state.v.get(k))
+        moments = (state_after.m.get(k), state_after.v.get(k))
+        ins = (grads[k], *moments, adj_params.get(k), adj_state.m.get(k), adj_state.v.get(k))
         for out, x in zip((adj_g, adj_p, adj_m, adj_v), map_chunks(adjoint, *ins)):
             if x is not None:
                 out[k] = x
