@@ -147,13 +147,37 @@ def estimate_train(target: ModelShape, generator: ModelShape, *, examples: int, 
     and the GRPO side in fp32 — generator weights, gradient and AdamW's two moments, a KL
     reference model, and one update's activations (`sequences` of `sequence_length`)."""
     parts = {"runtime": RUNTIME if device.type == "cpu" else 0, "target (fp32)": target.params * 4}
-    engine = engine_parts(target, examples=examples, length=length, steps=steps, optimizer=optimizer,
-                          microbatch=microbatch, nbytes=nbytes, copied=nbytes != 4,
-                          host_store=device.type == "cuda" and offload != "device")  # fmt: skip
+    engine = {}
+    if examples:  # metagrad / naive rewards: one inner run at a time
+        engine = engine_parts(target, examples=examples, length=length, steps=steps, optimizer=optimizer,
+                              microbatch=microbatch, nbytes=nbytes, copied=nbytes != 4,
+                              host_store=device.type == "cuda" and offload != "device")  # fmt: skip
     parts |= {f"inner run: {k}": v for k, v in engine.items()}
     parts["generator + AdamW"] = generator.params * 4 * (4 + int(reference))
     parts["generator activations"] = activation_bytes(generator, sequences, sequence_length, 4, second_order=False)
     return Estimate(parts, str(device))
+
+
+TRAIN_FIXES = (
+    "cut the inner run into microbatches (recipe.microbatch_size), shorten completions (reward.max_length, "
+    "grpo.max_completion_length), generate fewer per step (grpo.prompts_per_step, grpo.num_generations) or "
+    "update in more mini-batches (grpo.updates_per_step), or run on a device with more memory (device)"
+)
+
+
+def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: int) -> Estimate:
+    """estimate_train for a dpg train config (a TrainConfig) and the loaded models;
+    `prompt_tokens`: the longest prompt, in generator tokens."""
+    g, r = cfg.grpo, cfg.reward
+    inner = r.name in ("metagrad", "naive")
+    per_run = g.prompts_per_step * (g.num_generations if r.name == "metagrad" and r.cross_group_batching else 1)
+    return estimate_train(
+        model_shape(target), model_shape(generator), examples=per_run if inner else 0, length=r.max_length,
+        steps=cfg.recipe.steps, optimizer=cfg.recipe.optimizer, microbatch=cfg.recipe.microbatch_size,
+        nbytes=8 if cfg.dtype == "float64" else 4,
+        sequences=g.prompts_per_step * g.num_generations // g.updates_per_step,
+        sequence_length=prompt_tokens + g.max_completion_length, reference=g.beta > 0, device=device,
+    )  # fmt: skip
 
 
 def available_bytes(device: torch.device) -> int:
