@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from dpg import memory
 from dpg.cli import main
@@ -200,7 +199,7 @@ def test_evaluate_notes_a_generator_that_did_not_change(tmp_path, capsys):
     from dpg.config import load_config
     from dpg.evaluate import run_evaluate
     from dpg.models import load_model
-    from dpg.train import TrainConfig
+    from dpg.config import TrainConfig
 
     base, tok = load_model("tiny-gpt2", seed=1)
     base.save_pretrained(tmp_path / "generator")  # a "trained" generator identical to the base one
