@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from dpg import memory
 from dpg.cli import main
@@ -142,7 +143,7 @@ def test_phi_before_and_after_are_printed_and_a_much_worse_phi_warns(tmp_path, c
 
 
 def test_phi_report_by_hand():
-    from dpg.safety import phi_report
+    from dpg.report import phi_report
 
     assert "warning" in phi_report(-3.9, -13.7, 1e-3) and "recipe.lr = 0.001" in phi_report(-3.9, -13.7, 1e-3)
     assert "warning" not in phi_report(-3.9, -3.8, 5e-6) and "warning" not in phi_report(-3.9, -5.8, 5e-6)
@@ -154,7 +155,7 @@ def test_phi_report_by_hand():
 @pytest.mark.parametrize("lr", ["-1e-3", "0", "nan", "inf"])
 def test_a_non_positive_or_non_finite_lr_is_refused(lr, capsys):
     assert main(["attribute", f"recipe.lr={lr}", "output=/dev/null"]) == 2
-    assert "recipe.lr must be a" in capsys.readouterr().err
+    assert "recipe.lr must be" in capsys.readouterr().err
 
 
 def test_a_text_file_that_is_not_utf8_names_the_file_and_byte(tmp_path, capsys):
@@ -235,3 +236,87 @@ def test_embedding_baseline_encodes_many_targets_in_batches_with_a_bar(monkeypat
     unit = np.array([[len(t), 1.0] for t in targets]) / np.hypot([len(t) for t in targets], 1.0)[:, None]
     np.testing.assert_allclose(reward._centroid[:2], unit.mean(axis=0), rtol=1e-12)
     assert "embedding the reward's targets" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- dpg train: no silent no-ops, friction
+
+
+def tiny_train(tmp_path, *more):
+    from test_train import tiny
+
+    return tiny(tmp_path / "out", "grpo.steps=1", "grpo.save_every=0", *more)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Building the GRPO trainer means compute is about to start: too late for input errors."""
+    from trl import GRPOTrainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the GRPO trainer was built: the bad input was not caught before compute")
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", refuse)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        # 20 prompts − 16 held out = 4, fewer than the 8 one GRPO step asks: TRL trained zero steps and exited 0.
+        (["prompts.limit=20", "prompts.heldout=16", "grpo.prompts_per_step=8"],
+         "4 training prompts .* are fewer than grpo.prompts_per_step = 8: not one GRPO step"),
+        (["recipe.lr=-1e-3"], "recipe.lr must be positive and finite, got -0.001"),
+        (["recipe.lr=0"], "recipe.lr must be positive and finite"),
+        (["recipe.weight_decay=-1"], "recipe.weight_decay must be ≥ 0"),
+        (["grpo.learning_rate=-1e-5"], "grpo.learning_rate must be positive and finite"),
+        (["grpo.learning_rate=0"], "grpo.learning_rate must be positive and finite"),
+        (["grpo.epsilon=0"], "grpo.epsilon must be positive"),
+        (["grpo.beta=-0.1"], "grpo.beta must be at least 0.0"),
+        (["lora.alpha=0", "lora.r=4"], "lora.alpha must be positive"),
+        (["lora.dropout=1.5"], "lora.dropout must be below 1"),
+        (["evaluate.samples=0"], "evaluate.samples must be at least 1"),
+        (["prompts.max_tokens=0"], "prompts.max_tokens must be at least 1"),
+    ],
+)  # fmt: skip
+def test_train_refuses_silent_no_ops_before_compute(tmp_path, no_training, overrides, message):
+    from dpg.train import run_train
+
+    with pytest.raises(DpgError, match=message):
+        run_train(tiny_train(tmp_path, *overrides))
+
+
+def test_prompts_max_tokens_keeps_each_prompts_start_and_reports_the_count(tmp_path, capsys):
+    from dpg.data import PromptConfig, load_prompts
+    from dpg.models import byte_tokenizer
+
+    tok = byte_tokenizer()  # one token per byte: the cut is easy to state by hand
+    file = tmp_path / "p.txt"
+    file.write_text("short\n" + "a long prompt about the weather today\n" * 3 + "tail\n")
+    cfg = PromptConfig(file=str(file), template="Q: {prompt}\nA:", heldout=1, max_tokens=6)
+    train, heldout = load_prompts(cfg, tok)
+    assert train == ["Q: short\nA:"] + ["Q: a long\nA:"] * 3 and heldout == ["Q: tail\nA:"]
+    assert "prompts.max_tokens = 6: cut 3 of 5 prompts" in capsys.readouterr().out
+    assert load_prompts(PromptConfig(file=str(file), heldout=1))[0][1] == "a long prompt about the weather today"
+
+
+def test_an_over_long_prompt_names_prompts_max_tokens(tmp_path, no_training):
+    from dpg.train import run_train
+
+    file = tmp_path / "long.txt"
+    file.write_text("".join(f"prompt {i} " + "word " * 60 + "\n" for i in range(12)))  # ~300 bytes > 256 positions
+    with pytest.raises(DpgError, match="set prompts.max_tokens"):
+        run_train(tiny_train(tmp_path, f"prompts.file={file}"))
+    with pytest.raises(AssertionError, match="the GRPO trainer was built"):  # cut: the run gets as far as training
+        run_train(tiny_train(tmp_path, f"prompts.file={file}", "prompts.max_tokens=100"))
+
+
+def test_grpo_config_raises_no_deprecation_warning(tmp_path):
+    import warnings
+
+    from dpg.models import byte_tokenizer
+    from dpg.train import grpo_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = grpo_config(tiny_train(tmp_path), torch.device("cpu"), byte_tokenizer())
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    assert args.gradient_checkpointing  # TRL's default, kept

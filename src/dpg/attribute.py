@@ -19,7 +19,8 @@ from dpg.metagrad.engine import MetagradResult, Recipe, example_metagrads
 from dpg.metrics import MetricConfig, build_metric
 from dpg.models import ModelConfig, load
 from dpg.runtime import resolve_device, resolve_dtype
-from dpg.safety import phi_report
+from dpg.report import phi_report
+from dpg.safety import check_at_least
 
 _FIXES = (
     "cut the inner batch into microbatches (recipe.microbatch_size), shorten the examples (max_length), "
@@ -44,6 +45,7 @@ class AttributeConfig:
 
 
 def run_attribute(cfg: AttributeConfig) -> MetagradResult:
+    check_at_least({"max_length": (cfg.max_length, 2), "top": (cfg.top, 0)})
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     texts, prompts = read_texts(cfg.data) if cfg.data else (builtin_texts(), None)
     model, tokenizer = load(cfg.target, device=device)

@@ -129,8 +129,11 @@ def run_check(cfg: CheckConfig) -> bool:
     from dpg.metrics import build_metric
     from dpg.models import load
     from dpg.runtime import resolve_device
-    from dpg.safety import phi_report
+    from dpg.report import phi_report
+    from dpg.safety import check_at_least, check_positive
 
+    check_at_least({"num_examples": (cfg.num_examples, 1), "max_length": (cfg.max_length, 2), "count": (cfg.count, 1)})
+    check_positive({"tolerance": cfg.tolerance})
     device = resolve_device(cfg.device)
     texts, prompts = read_texts(cfg.data) if cfg.data else (builtin_texts(), None)
     texts, prompts = texts[: cfg.num_examples], (prompts[: cfg.num_examples] if prompts else None)

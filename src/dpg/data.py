@@ -220,12 +220,18 @@ class PromptConfig:
     chat: bool = False  # send it as a user message through the generator's chat template (instruct models)
     limit: int | None = None  # use only the first this many prompts
     heldout: int = 16  # the last prompts, kept out of training for `dpg evaluate`
+    max_tokens: int | None = None  # cut each prompt (before the template) to its first this many generator tokens
 
 
-def load_prompts(cfg: PromptConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts), each already through the template."""
+def load_prompts(cfg: PromptConfig, tokenizer=None) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), each already through the template; with
+    `prompts.max_tokens` and the generator's `tokenizer`, each cut to its first tokens."""
     texts = read_texts(cfg.file, cfg.field)[0] if cfg.file else builtin_prompts()
     texts = texts[: cfg.limit] if cfg.limit else texts
+    if cfg.max_tokens is not None and tokenizer is not None:
+        texts, cut = truncate_prompts(texts, tokenizer, cfg.max_tokens)
+        if cut:
+            print(f"prompts.max_tokens = {cfg.max_tokens}: cut {cut} of {len(texts)} prompts to their first tokens")
     if len(texts) <= cfg.heldout:
         raise DpgError(f"{len(texts)} prompts leave none for training after prompts.heldout = {cfg.heldout}")
     try:
@@ -233,6 +239,16 @@ def load_prompts(cfg: PromptConfig) -> tuple[list[str], list[str]]:
     except (KeyError, IndexError, ValueError) as err:
         raise DpgError(f"prompts.template {cfg.template!r} is not a valid template with {{prompt}}: {err}") from None
     return prompts[: len(prompts) - cfg.heldout], prompts[len(prompts) - cfg.heldout :]
+
+
+def truncate_prompts(texts: list[str], tokenizer, max_tokens: int) -> tuple[list[str], int]:
+    """Each text cut to its first `max_tokens` tokens (its start kept: the question comes
+    first), decoded back to text; and how many were cut."""
+    if max_tokens < 1:
+        raise DpgError(f"prompts.max_tokens must be at least 1, got {max_tokens}")
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    out = [tokenizer.decode(x[:max_tokens]) if len(x) > max_tokens else t for t, x in zip(texts, ids)]
+    return out, sum(len(x) > max_tokens for x in ids)
 
 
 def as_chat(prompts: list[str], chat: bool) -> list:

@@ -72,8 +72,8 @@ def transfer_check(cfg: TrainConfig, name: str, generator: ModelConfig, seed: in
     """Sample cfg.evaluate.samples completions from `generator` on the held-out prompts, then
     measure what a fresh target fine-tuned on them becomes (measure_samples)."""
     device = resolve_device(cfg.device)
-    _, heldout = load_prompts(cfg.prompts)
     gen, gen_tok = load(generator, device=device)
+    _, heldout = load_prompts(cfg.prompts, gen_tok)
     suppress = ascii_only(gen_tok) if cfg.grpo.allowed_tokens == "ascii" else None
     samples = sample_completions(
         gen, gen_tok, heldout, cfg.evaluate.samples, chat=cfg.prompts.chat, temperature=cfg.grpo.temperature,

@@ -22,6 +22,7 @@ folder and skips later unsealed ones (left by a run stopped while writing them).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -47,7 +48,20 @@ def check_settings(cfg) -> None:
         "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
         "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
         "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
+        "reward.hvp_microbatch_size": (cfg.reward.hvp_microbatch_size, 1),
+        "prompts.max_tokens": (cfg.prompts.max_tokens, 1), "evaluate.samples": (cfg.evaluate.samples, 1),
+        "lora.r": (cfg.lora.r, 0), "grpo.beta": (g.beta, 0.0), "lora.dropout": (cfg.lora.dropout, 0.0),
     }  # fmt: skip
+    check_at_least(least)
+    # Rates: a zero or negative one trains nothing, or trains away from the goal, without a word.
+    check_positive({"grpo.temperature": g.temperature, "grpo.learning_rate": g.learning_rate,
+                    "grpo.epsilon": g.epsilon, "lora.alpha": cfg.lora.alpha})  # fmt: skip
+    if cfg.lora.dropout >= 1:
+        raise DpgError(f"lora.dropout must be below 1, got {cfg.lora.dropout}")
+
+
+def check_at_least(least: dict) -> None:
+    """{key: (value, lowest allowed)}; a None value is unset and passes."""
     for key, (value, low) in least.items():
         if value is not None and value < low:
             raise DpgError(f"{key} must be at least {low}, got {value}")
@@ -66,9 +80,25 @@ def check_settings(cfg) -> None:
     check_hvp_microbatch_size(cfg.reward.hvp_microbatch_size, "reward.hvp_microbatch_size")
 
 
-def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> None:
+def check_positive(values: dict) -> None:
+    """{key: value}: each a positive finite number."""
+    for key, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise DpgError(f"{key} must be positive and finite, got {value}")
+
+
+def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> int:
     """Everything about a dpg train run that can fail later, checked now. `prompts` as the
-    trainer gets them (text, or messages for chat); `metric` None for baseline rewards."""
+    trainer gets them (text, or messages for chat); `metric` None for baseline rewards.
+    Returns the longest prompt's length in generator tokens."""
+    g = cfg.grpo
+    if len(prompts) < g.prompts_per_step:
+        # TRL would build no batch at all, train zero steps, save the untouched generator and exit 0.
+        raise DpgError(
+            f"{len(prompts)} training prompts (after prompts.heldout = {cfg.prompts.heldout}) are fewer than "
+            f"grpo.prompts_per_step = {g.prompts_per_step}: not one GRPO step could be trained. Give more prompts "
+            "(prompts.file, prompts.limit), or lower prompts.heldout or grpo.prompts_per_step"
+        )
     if cfg.prompts.chat:
         encoded = generator_tok.apply_chat_template(
             prompts, add_generation_prompt=True, tokenize=True, return_dict=True
@@ -82,10 +112,11 @@ def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> N
     if limit is not None and longest > limit:
         raise DpgError(
             f"the longest prompt ({max(lengths)} tokens) + grpo.max_completion_length "
-            f"({cfg.grpo.max_completion_length}) = {longest} tokens is over the generator's position limit of {limit}"
+            f"({cfg.grpo.max_completion_length}) = {longest} tokens is over the generator's position limit of "
+            f"{limit}: set prompts.max_tokens to cut the prompts, or lower grpo.max_completion_length"
         )
     if metric is None:
-        return
+        return max(lengths)
     limit = position_limit(target)
     sizes = {"reward.max_length": cfg.reward.max_length}
     if cfg.metric.name == "lm_loss":
@@ -93,13 +124,13 @@ def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> N
     for key, value in sizes.items():
         if limit is not None and value > limit:
             raise DpgError(f"{key} = {value} is over the target's position limit of {limit} tokens")
-    g = cfg.grpo
     per_run = g.prompts_per_step * (g.num_generations if cfg.reward.cross_group_batching else 1)
     if cfg.recipe.batch_size is None and cfg.recipe.steps > per_run:
         raise DpgError(
             f"recipe.steps = {cfg.recipe.steps} inner steps need as many completions per inner run, which has {per_run}"
         )
     probe_metric(metric, target, cfg.metric.name)
+    return max(lengths)
 
 
 def probe_metric(metric, target, name: str) -> float:
@@ -113,19 +144,6 @@ def probe_metric(metric, target, name: str) -> float:
         raise DpgError(f"metric {name!r} does not fit the target: {type(err).__name__}: {err}") from err
     check_metric_value(phi, f"metric {name!r}", "on the target's initial weights")
     return phi.item()
-
-
-def phi_report(before: float, after: float, lr: float, suffix: str = "") -> str:
-    """Φ before and after an inner run, with a warning when the run made it much worse:
-    usually a learning rate far too high for a pretrained model (the paper's is 5e-6), and
-    then every score describes the broken model."""
-    line = f"Φ before the inner run {before:.6g}, after {after:.6g}{suffix}"
-    if after < before - 0.5 * max(abs(before), 1e-12):
-        line += (
-            f"\nwarning: the inner run made Φ much worse ({before:.4g} -> {after:.4g}); recipe.lr = {lr:g} "
-            "is probably too high for this model (the paper's is 5e-6)"
-        )
-    return line
 
 
 def _not_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:

@@ -47,7 +47,7 @@ class Recipe:
             raise DpgError(f"recipe.steps must be at least 1, got {self.steps}")
         # A negative lr trains toward a worse loss and a zero one trains nothing: both ran silently.
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DpgError(f"recipe.lr must be a positive finite number, got {self.lr}")
+            raise DpgError(f"recipe.lr must be positive and finite, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise DpgError(f"recipe.weight_decay must be ≥ 0 and finite, got {self.weight_decay}")
         for name in ("batch_size", "microbatch_size"):
