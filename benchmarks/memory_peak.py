@@ -31,6 +31,7 @@ SHAPES = {
                                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
                                         max_position_embeddings=32768, sliding_window=512)),
 }  # fmt: skip
+LIMIT = float(os.environ.get("DPG_MEM_LIMIT_GB", "inf")) * 2**30  # kill a run past this RSS
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "A metagradient is the derivative of a metric through training.",
@@ -45,15 +46,20 @@ def build(kind: str, settings: dict, out: Path) -> None:
 
     from dpg.models import byte_tokenizer
 
+    # No pad id in the config: its embedding row would be zero, and a zero hidden state (every
+    # example starts with token 256) makes each RMSNorm's backward multiply by 1/√eps = 1,000,
+    # which overflows fp32 after ~13 layers (NaN gradients). Real checkpoints have no such row.
     config = AutoConfig.for_model(kind, tie_word_embeddings=True, bos_token_id=256, eos_token_id=256,
-                                  pad_token_id=256, **settings)  # fmt: skip
+                                  pad_token_id=None, **settings)  # fmt: skip
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
 
 
 def commands(model: Path, data: Path, work: Path) -> dict[str, list[str]]:
-    check = ["check", f"target.model={model}", f"data={data}", "num_examples=4", "max_length=16", "recipe.steps=1"]
+    # count=1: one example by finite differences (10 fp64 inner runs); the peak is the engine's, whatever the count.
+    check = ["check", f"target.model={model}", f"data={data}", "num_examples=4", "max_length=16", "recipe.steps=1",
+             "count=1"]  # fmt: skip
     attribute = ["attribute", f"target.model={model}", f"data={data}", "max_length=64", f"output={work}/scores.jsonl"]
     train = [
         "train", "configs/demo.yaml", f"target.model={model}", "grpo.steps=2", "grpo.prompts_per_step=4",
@@ -62,7 +68,7 @@ def commands(model: Path, data: Path, work: Path) -> dict[str, list[str]]:
         "recipe.optimizer=adamw", "recipe.lr=5e-6", "recipe.weight_decay=1e-4",
     ]  # fmt: skip
     return {
-        "check (4 examples × 16 tokens, M = 1, fp64)": check,
+        "check (4 examples × 16 tokens, M = 1, fp64, count=1)": check,
         "attribute (16 examples × 64 tokens, M = 1, fp32)": attribute,
         "attribute, recipe.microbatch_size=4": [*attribute, "recipe.microbatch_size=4"],
         "train (2 GRPO steps of 16 completions ≤ 64 target tokens, M = 1)": train,
@@ -88,6 +94,8 @@ def measure(args: list[str], log: Path, threads: int) -> dict:
                 top = max(top, ps.memory_info().rss)
             except psutil.Error:
                 break
+            if top > LIMIT:  # a shared machine: stop before the kernel's OOM killer picks a neighbour
+                proc.kill()
             time.sleep(0.1)
     proc.wait()
     text = log.read_text()
@@ -129,10 +137,12 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "tail"}), flush=True)
         return row
 
-    with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(run, jobs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+    rows = []
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for row in pool.map(run, jobs):
+            rows.append(row)
+            Path(args.out).write_text(json.dumps(rows, indent=1))  # as each run ends
 
 
 if __name__ == "__main__":
