@@ -72,12 +72,6 @@ def test_memory_estimate_is_within_2x_of_the_measured_peak(tmp_path, command, ov
     0.5x-2x of the peak resident memory measured in a fresh process."""
     measured, estimated = measured_and_estimated(tmp_path, command, overrides)
     assert 0.5 <= estimated / measured <= 2.0, (measured / 2**20, estimated / 2**20)
-    if command == "check":
-        # It once held ~9 copies of the parameters (model, θ_M, g, m, v, zero moments, λ, γ and
-        # the adjoint's state); now the model plus at most 4, and the fp64 (tokens × V) logits.
-        params = 65536 * 128 + 2 * (4 * 128 * 128 + 3 * 128 * 256) + 5 * 128  # tied head, GQA halves k and v
-        logits = 4 * 60 * 65536 * 8  # logits, softmax and their gradients
-        assert measured < 5 * params * 8 + logits, measured / (params * 8)
 
 
 def test_a_run_too_big_for_the_machine_is_refused_before_compute(monkeypatch, capsys):
