@@ -48,11 +48,19 @@ def check_settings(cfg) -> None:
         "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
         "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
         "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
-        "reward.hvp_microbatch_size": (cfg.reward.hvp_microbatch_size, 1),
         "prompts.max_tokens": (cfg.prompts.max_tokens, 1), "evaluate.samples": (cfg.evaluate.samples, 1),
         "lora.r": (cfg.lora.r, 0), "grpo.beta": (g.beta, 0.0), "lora.dropout": (cfg.lora.dropout, 0.0),
     }  # fmt: skip
     check_at_least(least)
+    if g.allowed_tokens not in ("all", "ascii"):
+        raise DpgError(f"grpo.allowed_tokens must be 'all' or 'ascii', got {g.allowed_tokens!r}")
+    choices = {"sampler": ("dpg", "trl"), "precision": ("auto", "fp32", "bf16"),
+               "sampler_dtype": ("auto", "float32", "bfloat16")}  # fmt: skip
+    for key, known in choices.items():
+        value = getattr(g, key)
+        if value not in known:
+            raise DpgError(f"grpo.{key} must be one of {', '.join(known)}, got {value!r}")
+    check_hvp_microbatch_size(cfg.reward.hvp_microbatch_size, "reward.hvp_microbatch_size")
     # Rates: a zero or negative one trains nothing, or trains away from the goal, without a word.
     check_positive({"grpo.temperature": g.temperature, "grpo.learning_rate": g.learning_rate,
                     "grpo.epsilon": g.epsilon, "lora.alpha": cfg.lora.alpha})  # fmt: skip
@@ -65,19 +73,6 @@ def check_at_least(least: dict) -> None:
     for key, (value, low) in least.items():
         if value is not None and value < low:
             raise DpgError(f"{key} must be at least {low}, got {value}")
-    if cfg.time_limit < 0:
-        raise DpgError(f"time_limit must be at least 0 minutes (0: none), got {cfg.time_limit}")
-    if g.temperature <= 0:
-        raise DpgError(f"grpo.temperature must be positive, got {g.temperature}")
-    if g.allowed_tokens not in ("all", "ascii"):
-        raise DpgError(f"grpo.allowed_tokens must be 'all' or 'ascii', got {g.allowed_tokens!r}")
-    choices = {"sampler": ("dpg", "trl"), "precision": ("auto", "fp32", "bf16"),
-               "sampler_dtype": ("auto", "float32", "bfloat16")}  # fmt: skip
-    for key, known in choices.items():
-        value = getattr(g, key)
-        if value not in known:
-            raise DpgError(f"grpo.{key} must be one of {', '.join(known)}, got {value!r}")
-    check_hvp_microbatch_size(cfg.reward.hvp_microbatch_size, "reward.hvp_microbatch_size")
 
 
 def check_positive(values: dict) -> None:

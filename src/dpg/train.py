@@ -157,7 +157,8 @@ def run_train(cfg: TrainConfig) -> Path | None:
     target, target_tok = load(cfg.target, device=device)
     reward = build_reward(cfg, target, target_tok, device, resolve_dtype(cfg.dtype), steps_per_batch=args.logging_steps)
     reward = DistinctShare(reward)  # logs the share of distinct completions of every step
-    longest = check_run(cfg, prompts, generator, generator_tok, target, getattr(reward, "metric", None))  # before compute
+    metric = getattr(reward, "metric", None)
+    longest = check_run(cfg, prompts, generator, generator_tok, target, metric)  # before any compute
     estimate = memory.train_estimate(cfg, target, generator, device, longest)
     memory.ensure_fits(estimate, "dpg train", memory.TRAIN_FIXES)
     if main:
