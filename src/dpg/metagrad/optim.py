@@ -18,6 +18,7 @@ Update rules (the engine contract in DESIGN.md):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -148,32 +149,7 @@ def step_adjoint(
     c1, c2 = 1.0 / (1.0 - opt.b1**t), 1.0 / (1.0 - opt.b2**t)
     adj_state = adj_state or AdamAdjoint({}, {})
 
-    def adjoint(g, m, v, a_p, a_m, a_v):
-        if m is None:  # the first step's moments: functions of its gradient
-            m, v = _moments(opt, g, None, None)
-        out_p = None
-        if a_p is not None:
-            s = torch.sqrt(c2 * v + opt.eps_root)
-            d = s + opt.eps
-            # θ' = θ − lr·(c1·m/d + wd·θ): d/dm = −lr·c1/d,  d/dv = lr·c1·m·c2/(2·s·d²).
-            from_m = (-opt.lr * c1) * a_p / d
-            # Guard: where v = 0 (and eps_root = 0) the coordinate never saw a gradient, so
-            # m = 0 too; the true derivative through v is 0 there, not 0·∞ = NaN.
-            from_v = torch.where(s > 0, (opt.lr * c1 * c2 * 0.5) * a_p * m / (s * d * d), 0.0)
-            a_m = from_m if a_m is None else a_m + from_m
-            a_v = from_v if a_v is None else a_v + from_v
-            if upstream:
-                out_p = (1.0 - opt.lr * opt.weight_decay) * a_p if opt.weight_decay else a_p
-        # m' = b1·m + (1−b1)·g,  v' = b2·v + (1−b2)·g²
-        terms = []
-        if a_m is not None:
-            terms.append((1.0 - opt.b1) * a_m)
-        if a_v is not None:
-            terms.append((2.0 * (1.0 - opt.b2)) * g * a_v)
-        out_g = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        out_m = opt.b1 * a_m if upstream and a_m is not None else None
-        out_v = opt.b2 * a_v if upstream and a_v is not None else None
-        return out_g, out_p, out_m, out_v
+    adjoint = functools.partial(_adam_adjoint, opt, c1, c2, upstream)
 
     adj_g, adj_p, adj_m, adj_v = {}, {}, {}, {}
     for k in set(adj_params) | set(adj_state.m) | set(adj_state.v):
@@ -183,3 +159,32 @@ def step_adjoint(
             if x is not None:
                 out[k] = x
     return adj_g, adj_p, AdamAdjoint(adj_m, adj_v)
+
+
+def _adam_adjoint(opt: AdamW, c1: float, c2: float, upstream: bool, g, m, v, a_p, a_m, a_v):
+    """step_adjoint's elementwise work for one (chunk of a) parameter."""
+    if m is None:  # the first step's moments: functions of its gradient
+        m, v = _moments(opt, g, None, None)
+    out_p = None
+    if a_p is not None:
+        s = torch.sqrt(c2 * v + opt.eps_root)
+        d = s + opt.eps
+        # θ' = θ − lr·(c1·m/d + wd·θ): d/dm = −lr·c1/d,  d/dv = lr·c1·m·c2/(2·s·d²).
+        from_m = (-opt.lr * c1) * a_p / d
+        # Guard: where v = 0 (and eps_root = 0) the coordinate never saw a gradient, so
+        # m = 0 too; the true derivative through v is 0 there, not 0·∞ = NaN.
+        from_v = torch.where(s > 0, (opt.lr * c1 * c2 * 0.5) * a_p * m / (s * d * d), 0.0)
+        a_m = from_m if a_m is None else a_m + from_m
+        a_v = from_v if a_v is None else a_v + from_v
+        if upstream:
+            out_p = (1.0 - opt.lr * opt.weight_decay) * a_p if opt.weight_decay else a_p
+    # m' = b1·m + (1−b1)·g,  v' = b2·v + (1−b2)·g²
+    terms = []
+    if a_m is not None:
+        terms.append((1.0 - opt.b1) * a_m)
+    if a_v is not None:
+        terms.append((2.0 * (1.0 - opt.b2)) * g * a_v)
+    out_g = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    out_m = opt.b1 * a_m if upstream and a_m is not None else None
+    out_v = opt.b2 * a_v if upstream and a_v is not None else None
+    return out_g, out_p, out_m, out_v
