@@ -25,7 +25,7 @@ def test_attribute_writes_scores_that_match_the_engine(tmp_path, capsys):
     assert [r["text"] for r in rows] == texts and [r["index"] for r in rows] == [0, 1, 2, 3]
     model, tok = load_model("tiny-gpt2")
     direct = example_metagrads(
-        model, encode_texts(tok, texts, 128), Recipe(lr=1e-3, steps=2), pattern_metric(model), dtype=torch.float64
+        model, encode_texts(tok, texts, 128), Recipe(steps=2), pattern_metric(model), dtype=torch.float64
     )
     assert torch.allclose(torch.tensor([r["score"] for r in rows], dtype=torch.float64), direct.scores, rtol=1e-12)
     printed = capsys.readouterr().out

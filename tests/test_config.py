@@ -43,8 +43,8 @@ def test_yaml_then_overrides(tmp_path):
 def test_partial_section_keeps_the_parents_defaults():
     cfg = load_config(Outer, None, ["inner.name=z"])
     assert cfg.inner == Inner(rate=2.0, name="z")  # rate from Outer's factory, not Inner's 0.5
-    att = load_config(AttributeConfig, None, ["recipe.steps=3"])
-    assert att.recipe == Recipe(lr=1e-3, steps=3)
+    chk = load_config(CheckConfig, None, ["recipe.lr=1e-3"])
+    assert chk.recipe == Recipe(lr=1e-3, steps=3)  # steps from CheckConfig's factory, not Recipe's 1
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_every_key_is_documented(cls):
     assert len(rows) > 20
     undocumented = [key for key, _, comment in rows if not comment]
     assert not undocumented
-    assert ("recipe.lr", "0.001", "learning rate") in rows
+    assert ("recipe.lr", "5e-06", "learning rate") in rows
 
 
 def test_command_line_strings_stay_text():

@@ -87,8 +87,11 @@ def test_read_texts(tmp_path):
     jl.write_text(json.dumps({"text": "one", "prompt": "p"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     assert read_texts(jl) == (["one", "two"], ["p", ""])
     txt = tmp_path / "d.txt"
-    txt.write_bytes(b"first\n\n  \nsecond \xff\n")
-    assert read_texts(txt) == (["first", "second \ufffd"], None)
+    txt.write_bytes(b"first\n\n  \nsecond\n")
+    assert read_texts(txt) == (["first", "second"], None)
+    txt.write_bytes(b"first\n\n  \nsecond \xff\n")  # not UTF-8: an error naming the byte, not silent U+FFFD
+    with pytest.raises(DpgError, match=r"d.txt is not UTF-8: byte 17 \(line 4\) is b'\\xff'"):
+        read_texts(txt)
     (tmp_path / "e.txt").write_text("\n \n")
     with pytest.raises(DpgError, match="holds no examples"):
         read_texts(tmp_path / "e.txt")

@@ -258,7 +258,7 @@ def test_chat_prompts_are_measured_with_the_chat_template(tmp_path):
 
     generator, tok = load_model("tiny-gpt2")  # 256 positions
     tok.chat_template = "{% for m in messages %}" + "x" * 200 + "{{ m['content'] }}{% endfor %}"
-    prompts = [[{"role": "user", "content": "hi"}]]  # 200 + 2 tokens through the template
+    prompts = [[{"role": "user", "content": "hi"}]] * 4  # 200 + 2 tokens through the template; 4 make a step
     check_run(tiny(tmp_path, "prompts.chat=true", "grpo.max_completion_length=54"), prompts, generator, tok, None, None)
     with pytest.raises(
         DpgError, match=r"longest prompt \(202 tokens\) \+ grpo.max_completion_length \(55\) = 257 tokens"

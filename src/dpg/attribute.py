@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dpg import memory
 from dpg.data import builtin_texts, encode_texts, read_texts
 from dpg.errors import DpgError
 from dpg.metagrad.engine import MetagradResult, Recipe, example_metagrads
@@ -24,6 +25,13 @@ from dpg.metrics import MetricConfig, build_metric
 from dpg.models import ModelConfig, load
 from dpg.rows import Rows, is_row_file, read_rows, write_rows
 from dpg.runtime import resolve_device, resolve_dtype
+from dpg.report import phi_report
+from dpg.safety import check_at_least
+
+_FIXES = (
+    "cut the inner batch into microbatches (recipe.microbatch_size), shorten the examples (max_length), "
+    "use fewer inner steps (recipe.steps) or offload=disk, or run on a device with more memory (device)"
+)
 
 
 @dataclass
@@ -40,7 +48,7 @@ class AttributeConfig:
     """dpg attribute: per-example metagradient scores of a data file."""
 
     target: ModelConfig = field(default_factory=ModelConfig)  # the model the inner run fine-tunes
-    recipe: Recipe = field(default_factory=lambda: Recipe(lr=1e-3))  # the inner run
+    recipe: Recipe = field(default_factory=Recipe)  # the inner run (the paper's AdamW, lr 5e-6)
     metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, the target metric
     data: str | None = None  # JSONL / Parquet rows, or a text file (an example a line or block); none: built-in texts
     text_field: str = "text"  # the JSONL key / Parquet column (or TSV column) holding each example's text
@@ -56,15 +64,22 @@ class AttributeConfig:
 
 
 def run_attribute(cfg: AttributeConfig) -> MetagradResult:
+    check_at_least({"max_length": (cfg.max_length, 2), "top": (cfg.top, 0)})
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     rows = _read(cfg)
     _select_count(cfg.select, len(rows.texts))  # a bad selection fails before any compute
     model, tokenizer = load(cfg.target, device=device)
     examples = encode_texts(tokenizer, rows.texts, cfg.max_length, rows.prompts)
     metric = build_metric(cfg.metric, model, tokenizer)
+    r = cfg.recipe
+    estimate = memory.estimate_attribute(
+        memory.model_shape(model), examples=len(rows.texts), length=examples.input_ids.shape[1], steps=r.steps,
+        optimizer=r.optimizer, microbatch=r.microbatch_size, dtype=dtype, device=device, offload=cfg.offload,
+    )  # fmt: skip
+    memory.ensure_fits(estimate, "dpg attribute", _FIXES)
     print(
-        f"target {cfg.target.model} on {device}: {len(rows.texts)} examples, {cfg.recipe.steps} inner step(s), "
-        f"metric {cfg.metric.name}"
+        f"target {cfg.target.model} on {device}: {len(rows.texts)} examples, {r.steps} inner step(s), lr {r.lr:g}, "
+        f"metric {cfg.metric.name} (estimated peak memory {estimate.total / memory.GB:.1f} GB)"
     )
     print(_memory_note(model, cfg, dtype))
     result = example_metagrads(
@@ -72,7 +87,7 @@ def run_attribute(cfg: AttributeConfig) -> MetagradResult:
     )
     out = _write_scores(cfg.output, rows, result.scores.tolist())
     proxy = "".join(f", {k} {v:.4g}" for k, v in result.proxy.items())
-    print(f"Φ after the inner run: {result.metric:.6g}{proxy}")
+    print(phi_report(result.metric_before, result.metric, r.lr, suffix=proxy))
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     _print_extremes(rows.texts, result.scores, cfg.top)
     print(f"\nscores for all {len(rows.texts)} examples: {out}")
@@ -154,7 +169,7 @@ def _memory_note(model, cfg: AttributeConfig, dtype: torch.dtype) -> str:
     copies = 4 if cfg.recipe.optimizer == "adamw" else 1  # θ_{t−1}, g_t, m_t, v_t (SGD: θ_{t−1})
     per_step = params * copies * torch.finfo(dtype).bits / 8 / 2**30
     budget = cfg.recipe.state_budget_gb
-    bound = f"{budget} GiB (recipe.state_budget_gb)" if budget is not None else "80 % of the free memory"
+    bound = f"{budget} GiB (recipe.state_budget_gb)" if budget is not None else "half the free memory"
     return (
         f"saved state for the reverse sweep: {per_step:.3g} GiB per inner step ({cfg.offload}); "
         f"held within {bound}, steps that do not fit are recomputed"

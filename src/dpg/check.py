@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from dpg import memory
 from dpg.metagrad.engine import Examples, Metric, Recipe, example_metagrads, fine_tune
 from dpg.metagrad.precision import agreement, float64_everywhere, tf32_matmuls
 from dpg.metrics import MetricConfig
@@ -34,6 +35,8 @@ class CheckRow(NamedTuple):
 
 class CheckReport(NamedTuple):
     rows: list[CheckRow]
+    phi_before: float  # Φ(θ_0), fp64
+    phi_after: float  # Φ(θ_M) after the inner run at w = 1, fp64
     max_error: float  # over the checked examples
     fp32_error: float | None  # ‖s32 − s64‖ / ‖s64‖ over all examples
     tf32: dict[str, float] | None  # on CUDA: TF32 vs fp32 scores (precision.agreement), what reward.tf32 costs
@@ -60,7 +63,8 @@ def check_metagrads(
     on the scale of the others rather than on its own.
     """
     with float64_everywhere():
-        exact = example_metagrads(model, examples, recipe, metric, dtype=torch.float64, device=device).scores
+        result = example_metagrads(model, examples, recipe, metric, dtype=torch.float64, device=device)
+    exact = result.scores
     order = torch.argsort(exact, descending=True).tolist()
     picks = [order[round(k * (len(order) - 1) / max(count - 1, 1))] for k in range(min(count, len(order)))]
     picks = list(dict.fromkeys(picks))  # distinct, ranks kept
@@ -78,6 +82,7 @@ def check_metagrads(
                 with float64_everywhere():
                     trained = fine_tune(model, examples, recipe, w, dtype=torch.float64, device=device).params
                     phis.append(metric(everything | trained).item())
+                del trained  # one θ_M at a time: a parameter copy is GBs in fp64 on a real model
             fd = (phis[0] - phis[1]) / (2 * h)
             err = abs(fd - e) / max(abs(e), scale_floor)
             if best is None or err < best.error:
@@ -92,7 +97,9 @@ def check_metagrads(
                 s_tf32 = example_metagrads(model, examples, recipe, metric, dtype=torch.float32, device=device).scores
             tf32 = agreement(s32, s_tf32)
     worst = max(r.error for r in rows)
-    return CheckReport(rows, worst, fp32_error, tf32, tolerance, worst <= tolerance)
+    return CheckReport(
+        rows, result.metric_before, result.metric, worst, fp32_error, tf32, tolerance, worst <= tolerance
+    )
 
 
 @dataclass
@@ -100,7 +107,7 @@ class CheckConfig:
     """dpg check: the engine against finite differences on your model and recipe."""
 
     target: ModelConfig = field(default_factory=ModelConfig)  # the model the inner run fine-tunes
-    recipe: Recipe = field(default_factory=lambda: Recipe(steps=3, lr=1e-3))  # the inner run
+    recipe: Recipe = field(default_factory=lambda: Recipe(steps=3))  # the inner run (the paper's AdamW, lr 5e-6)
     metric: MetricConfig = field(default_factory=MetricConfig)  # Φ, the target metric
     data: str | None = None  # JSONL ("text", optional "prompt") or text file, an example a line; none: built-in texts
     num_examples: int = 12  # examples in the inner run (the first ones of the data)
@@ -110,6 +117,11 @@ class CheckConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+_FIXES = (
+    "check fewer or shorter examples (num_examples, max_length), cut the inner batch into microbatches "
+    "(recipe.microbatch_size), or run on a device with more memory (device)"
+)
+
 
 def run_check(cfg: CheckConfig) -> bool:
     """Print the check's table; True when every checked example is within tolerance."""
@@ -117,7 +129,11 @@ def run_check(cfg: CheckConfig) -> bool:
     from dpg.metrics import build_metric
     from dpg.models import load
     from dpg.runtime import resolve_device
+    from dpg.report import phi_report
+    from dpg.safety import check_at_least, check_positive
 
+    check_at_least({"num_examples": (cfg.num_examples, 1), "max_length": (cfg.max_length, 2), "count": (cfg.count, 1)})
+    check_positive({"tolerance": cfg.tolerance})
     device = resolve_device(cfg.device)
     texts, prompts = read_texts(cfg.data) if cfg.data else (builtin_texts(), None)
     texts, prompts = texts[: cfg.num_examples], (prompts[: cfg.num_examples] if prompts else None)
@@ -125,11 +141,17 @@ def run_check(cfg: CheckConfig) -> bool:
     examples = encode_texts(tokenizer, texts, cfg.max_length, prompts)
     metric = build_metric(cfg.metric, model, tokenizer)
     r = cfg.recipe
+    estimate = memory.estimate_check(
+        memory.model_shape(model), examples=len(texts), length=examples.input_ids.shape[1], steps=r.steps,
+        optimizer=r.optimizer, microbatch=r.microbatch_size, device=device,
+    )  # fmt: skip
+    memory.ensure_fits(estimate, "dpg check", _FIXES)
     print(
         f"checking {cfg.target.model}, {r.optimizer} lr={r.lr:g} M={r.steps}, metric {cfg.metric.name}, "
-        f"{len(texts)} examples, in fp64 on {device}"
+        f"{len(texts)} examples, in fp64 on {device} (estimated peak memory {estimate.total / memory.GB:.1f} GB)"
     )
     report = check_metagrads(model, examples, r, metric, count=cfg.count, tolerance=cfg.tolerance, device=device)
+    print(phi_report(report.phi_before, report.phi_after, r.lr))
     print(f"{'example':>8} {'engine dΦ/dw':>16} {'finite diff.':>16} {'h':>7} {'rel. error':>11}")
     for row in report.rows:
         print(f"{row.index:>8} {row.engine:>16.9e} {row.finite_difference:>16.9e} {row.step:>7.0e} {row.error:>11.2e}")

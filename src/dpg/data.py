@@ -81,6 +81,20 @@ def decode_bytes(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def utf8_text(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 (Latin-1, UTF-16, ...) is an error that
+    names the file and the first bad byte, rather than text silently full of U+FFFD."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is not text
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DpgError(
+            f"{path} is not UTF-8: byte {err.start} (line {line}) is {data[err.start : err.start + 1]!r}. "
+            f"Convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}"
+        ) from None
+
+
 def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[str] | None]:
     """Texts from a file. Returns (texts, prompts or None).
 
@@ -96,7 +110,7 @@ def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[s
     if path.suffix == ".parquet":
         texts, prompts = _parquet_column(path, field), None
     else:
-        raw = decode_bytes(path.read_bytes())
+        raw = utf8_text(path)
         if path.suffix in (".jsonl", ".json"):
             texts, prompts = _jsonl(path, raw, field)
         elif path.suffix == ".tsv":
@@ -206,12 +220,18 @@ class PromptConfig:
     chat: bool = False  # send it as a user message through the generator's chat template (instruct models)
     limit: int | None = None  # use only the first this many prompts
     heldout: int = 16  # the last prompts, kept out of training for `dpg evaluate`
+    max_tokens: int | None = None  # cut each prompt (before the template) to its first this many generator tokens
 
 
-def load_prompts(cfg: PromptConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts), each already through the template."""
+def load_prompts(cfg: PromptConfig, tokenizer=None) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), each already through the template; with
+    `prompts.max_tokens` and the generator's `tokenizer`, each cut to its first tokens."""
     texts = read_texts(cfg.file, cfg.field)[0] if cfg.file else builtin_prompts()
     texts = texts[: cfg.limit] if cfg.limit else texts
+    if cfg.max_tokens is not None and tokenizer is not None:
+        texts, cut = truncate_prompts(texts, tokenizer, cfg.max_tokens)
+        if cut:
+            print(f"prompts.max_tokens = {cfg.max_tokens}: cut {cut} of {len(texts)} prompts to their first tokens")
     if len(texts) <= cfg.heldout:
         raise DpgError(f"{len(texts)} prompts leave none for training after prompts.heldout = {cfg.heldout}")
     try:
@@ -219,6 +239,16 @@ def load_prompts(cfg: PromptConfig) -> tuple[list[str], list[str]]:
     except (KeyError, IndexError, ValueError) as err:
         raise DpgError(f"prompts.template {cfg.template!r} is not a valid template with {{prompt}}: {err}") from None
     return prompts[: len(prompts) - cfg.heldout], prompts[len(prompts) - cfg.heldout :]
+
+
+def truncate_prompts(texts: list[str], tokenizer, max_tokens: int) -> tuple[list[str], int]:
+    """Each text cut to its first `max_tokens` tokens (its start kept: the question comes
+    first), decoded back to text; and how many were cut."""
+    if max_tokens < 1:
+        raise DpgError(f"prompts.max_tokens must be at least 1, got {max_tokens}")
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    out = [tokenizer.decode(x[:max_tokens]) if len(x) > max_tokens else t for t, x in zip(texts, ids)]
+    return out, sum(len(x) > max_tokens for x in ids)
 
 
 def as_chat(prompts: list[str], chat: bool) -> list:

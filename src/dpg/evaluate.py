@@ -72,8 +72,8 @@ def transfer_check(cfg: TrainConfig, name: str, generator: ModelConfig, seed: in
     """Sample cfg.evaluate.samples completions from `generator` on the held-out prompts, then
     measure what a fresh target fine-tuned on them becomes (measure_samples)."""
     device = resolve_device(cfg.device)
-    _, heldout = load_prompts(cfg.prompts)
     gen, gen_tok = load(generator, device=device)
+    _, heldout = load_prompts(cfg.prompts, gen_tok)
     suppress = ascii_only(gen_tok) if cfg.grpo.allowed_tokens == "ascii" else None
     samples = sample_completions(
         gen, gen_tok, heldout, cfg.evaluate.samples, chat=cfg.prompts.chat, temperature=cfg.grpo.temperature,
@@ -140,7 +140,27 @@ def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
                 if res.decoded is not None:
                     save_pattern(res.decoded, out / "evaluate" / f"{stem}.png")
     print(results_table(results))
+    note = unchanged_note(results)
+    if note:
+        print(note)
     rows = [r._asdict() | {"decoded": None if r.decoded is None else r.decoded.tolist()} for r in results]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     return results
+
+
+def unchanged_note(results: list[TransferResult]) -> str | None:
+    """A one-line note when a generator wrote exactly the base generator's samples for every
+    seed: it did not change (a run that trained zero steps, or a learning rate of ~0), and
+    its row equals the base row to every digit for that reason alone."""
+    base = {r.seed: r.samples for r in results if r.generator == "base"}
+    same = [
+        name for name in dict.fromkeys(r.generator for r in results if r.generator != "base")
+        if all(r.samples == base.get(r.seed) for r in results if r.generator == name)
+    ]  # fmt: skip
+    if not base or not same:
+        return None
+    return (
+        f"note: {', '.join(same)} wrote exactly the base generator's samples on every seed: the generator "
+        "did not change (zero training steps? see train_summary.json and grpo.learning_rate)"
+    )

@@ -27,9 +27,12 @@ directory or hub id) whose vocabulary fits the model's embedding.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
+import re
+import socket
 import shutil
 import sys
 import tempfile
@@ -201,7 +204,8 @@ def load_model(
             torch.default_generator.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
         else:
-            model, tok = _load_pretrained(str(smollm2_checkpoint()) if spec == SMOLLM2 else spec, dtype)
+            hub = {} if spec == SMOLLM2 else _hub_options(spec)
+            model, tok = _load_pretrained(str(smollm2_checkpoint()) if spec == SMOLLM2 else spec, dtype, **hub)
             tok = tok if tokenizer is None else load_tokenizer(tokenizer)
             if tie_word_embeddings is not None and tie_word_embeddings != _is_tied(model):
                 raise DpgError(
@@ -320,7 +324,42 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _load_pretrained(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _hub_options(spec: str) -> dict:
+    """For a name that is neither a preset nor a path: a near miss of a preset is a typo, and
+    an error at once (a hub lookup of it costs a minute of retries offline); a name that cannot
+    be a hub id is an error too. A possible hub id is looked up in the local cache only when
+    the hub is offline (HF_HUB_OFFLINE) or unreachable."""
+    if _looks_like_path(spec) or Path(spec).expanduser().exists():
+        return {}
+    close = difflib.get_close_matches(spec.lower(), PRESETS, n=1, cutoff=0.75)
+    could_be_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", spec) and ".." not in spec
+    if (close and "/" not in spec) or not could_be_id:
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DpgError(
+            f"unknown model {spec!r}.{hint} Presets: {', '.join(PRESETS)}; otherwise give a checkpoint "
+            "directory, a .gguf file, or a Hugging Face hub id (org/name)"
+        )
+    return {} if _hub_reachable() else {"local_files_only": True}
+
+
+def _hub_reachable() -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host does not answer within 3 s."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = re.sub(r"^\w+://", "", hub.ENDPOINT).split("/")[0]
+    name, _, port = host.partition(":")
+    try:
+        socket.create_connection((name, int(port or 443)), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(
+    spec: str, dtype: torch.dtype, local_files_only: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = Path(spec).expanduser()
     if _looks_like_path(spec) and not path.exists():
         raise DpgError(f"model not found: {spec} (no such file or directory)")
@@ -330,15 +369,30 @@ def _load_pretrained(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
         if importlib.util.find_spec("gguf") is None:
             raise DpgError(f"loading {spec} needs the gguf package: pip install 'dpg[gguf]'")
         where, kwargs = str(path.parent), {"gguf_file": path.name}
+        # The engine differentiates dense weights: ask for them, rather than for packed GGUF
+        # blocks (whose warning would say the weights "stay quantized" while dpg de-quantizes).
+        print(f"dpg: de-quantizing {path.name} to dense {str(dtype).removeprefix('torch.')} weights", file=sys.stderr)
     else:
         where, kwargs = str(path) if path.exists() else spec, {}
+    if local_files_only:
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **_dense(kwargs))
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, NotImplementedError) as e:
         if path.exists():
             raise DpgError(f"could not load model from {spec}: {_first_line(e)}") from e
-        raise DpgError(f"model {spec!r} could not be found locally or on the Hugging Face hub: {_first_line(e)}") from e
+        where_looked = ""
+        if local_files_only:
+            where_looked = " (the hub is offline or unreachable: only the local cache was searched)"
+        raise DpgError(
+            f"model {spec!r} could not be found locally or on the Hugging Face hub{where_looked}: {_first_line(e)}. "
+            f"Presets: {', '.join(PRESETS)}"
+        ) from e
+    if getattr(model, "hf_quantizer", None) is not None and path.suffix == ".gguf":
+        model.hf_quantizer = None  # de-quantized: a plain dense model from here on
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model, tokenizer
 
 

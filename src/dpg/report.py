@@ -56,6 +56,7 @@ class RunLog(TrainerCallback):
         self.batch = batch  # completions per generated batch: x axis of the curves (generated examples)
         self.path = self.out / "metrics.jsonl"
         self.last_row: dict[str, Any] = {}
+        self._phi_shown = False
         self._clock = time.perf_counter()
 
     def resume(self, global_step: int) -> None:
@@ -90,10 +91,27 @@ class RunLog(TrainerCallback):
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
         self.last_row = row
+        if not self._phi_shown and "phi_before" in row:  # once: Φ before and after the first inner run
+            self._phi_shown = True
+            print(phi_report(row["phi_before"], row["phi"]), flush=True)
         print(console_line(row, self.total_steps), flush=True)
         decoded = getattr(self.reward, "decoded", None)
         if self.png_every and decoded is not None and (step % self.png_every == 0 or step == self.total_steps):
             save_pattern(decoded, self.out / "patterns" / f"step_{step:05d}.png")
+
+
+def phi_report(before: float, after: float, lr: float | None = None, suffix: str = "") -> str:
+    """Φ before and after an inner run, with a warning when the run made it much worse:
+    usually a learning rate far too high for a pretrained model (the paper's is 5e-6), and
+    then every score describes the broken model."""
+    line = f"Φ before the inner run {before:.6g}, after {after:.6g}{suffix}"
+    if after < before - 0.5 * max(abs(before), 1e-12):
+        rate = "recipe.lr" if lr is None else f"recipe.lr = {lr:g}"
+        line += (
+            f"\nwarning: the inner run made Φ much worse ({before:.4g} -> {after:.4g}); {rate} "
+            "is probably too high for this model (the paper's is 5e-6)"
+        )
+    return line
 
 
 def console_line(row: dict[str, Any], total: int) -> str:

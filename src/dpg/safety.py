@@ -22,6 +22,7 @@ folder and skips later unsealed ones (left by a run stopped while writing them).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -47,14 +48,10 @@ def check_settings(cfg) -> None:
         "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
         "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
         "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
+        "prompts.max_tokens": (cfg.prompts.max_tokens, 1), "evaluate.samples": (cfg.evaluate.samples, 1),
+        "lora.r": (cfg.lora.r, 0), "grpo.beta": (g.beta, 0.0), "lora.dropout": (cfg.lora.dropout, 0.0),
     }  # fmt: skip
-    for key, (value, low) in least.items():
-        if value is not None and value < low:
-            raise DpgError(f"{key} must be at least {low}, got {value}")
-    if cfg.time_limit < 0:
-        raise DpgError(f"time_limit must be at least 0 minutes (0: none), got {cfg.time_limit}")
-    if g.temperature <= 0:
-        raise DpgError(f"grpo.temperature must be positive, got {g.temperature}")
+    check_at_least(least)
     if g.allowed_tokens not in ("all", "ascii"):
         raise DpgError(f"grpo.allowed_tokens must be 'all' or 'ascii', got {g.allowed_tokens!r}")
     choices = {"sampler": ("dpg", "trl"), "precision": ("auto", "fp32", "bf16"),
@@ -64,11 +61,39 @@ def check_settings(cfg) -> None:
         if value not in known:
             raise DpgError(f"grpo.{key} must be one of {', '.join(known)}, got {value!r}")
     check_hvp_microbatch_size(cfg.reward.hvp_microbatch_size, "reward.hvp_microbatch_size")
+    # Rates: a zero or negative one trains nothing, or trains away from the goal, without a word.
+    check_positive({"grpo.temperature": g.temperature, "grpo.learning_rate": g.learning_rate,
+                    "grpo.epsilon": g.epsilon, "lora.alpha": cfg.lora.alpha})  # fmt: skip
+    if cfg.lora.dropout >= 1:
+        raise DpgError(f"lora.dropout must be below 1, got {cfg.lora.dropout}")
 
 
-def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> None:
+def check_at_least(least: dict) -> None:
+    """{key: (value, lowest allowed)}; a None value is unset and passes."""
+    for key, (value, low) in least.items():
+        if value is not None and value < low:
+            raise DpgError(f"{key} must be at least {low}, got {value}")
+
+
+def check_positive(values: dict) -> None:
+    """{key: value}: each a positive finite number."""
+    for key, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise DpgError(f"{key} must be positive and finite, got {value}")
+
+
+def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> int:
     """Everything about a dpg train run that can fail later, checked now. `prompts` as the
-    trainer gets them (text, or messages for chat); `metric` None for baseline rewards."""
+    trainer gets them (text, or messages for chat); `metric` None for baseline rewards.
+    Returns the longest prompt's length in generator tokens."""
+    g = cfg.grpo
+    if len(prompts) < g.prompts_per_step:
+        # TRL would build no batch at all, train zero steps, save the untouched generator and exit 0.
+        raise DpgError(
+            f"{len(prompts)} training prompts (after prompts.heldout = {cfg.prompts.heldout}) are fewer than "
+            f"grpo.prompts_per_step = {g.prompts_per_step}: not one GRPO step could be trained. Give more prompts "
+            "(prompts.file, prompts.limit), or lower prompts.heldout or grpo.prompts_per_step"
+        )
     if cfg.prompts.chat:
         encoded = generator_tok.apply_chat_template(
             prompts, add_generation_prompt=True, tokenize=True, return_dict=True
@@ -82,10 +107,11 @@ def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> N
     if limit is not None and longest > limit:
         raise DpgError(
             f"the longest prompt ({max(lengths)} tokens) + grpo.max_completion_length "
-            f"({cfg.grpo.max_completion_length}) = {longest} tokens is over the generator's position limit of {limit}"
+            f"({cfg.grpo.max_completion_length}) = {longest} tokens is over the generator's position limit of "
+            f"{limit}: set prompts.max_tokens to cut the prompts, or lower grpo.max_completion_length"
         )
     if metric is None:
-        return
+        return max(lengths)
     limit = position_limit(target)
     sizes = {"reward.max_length": cfg.reward.max_length}
     if cfg.metric.name == "lm_loss":
@@ -93,13 +119,13 @@ def check_run(cfg, prompts: list, generator, generator_tok, target, metric) -> N
     for key, value in sizes.items():
         if limit is not None and value > limit:
             raise DpgError(f"{key} = {value} is over the target's position limit of {limit} tokens")
-    g = cfg.grpo
     per_run = g.prompts_per_step * (g.num_generations if cfg.reward.cross_group_batching else 1)
     if cfg.recipe.batch_size is None and cfg.recipe.steps > per_run:
         raise DpgError(
             f"recipe.steps = {cfg.recipe.steps} inner steps need as many completions per inner run, which has {per_run}"
         )
     probe_metric(metric, target, cfg.metric.name)
+    return max(lengths)
 
 
 def probe_metric(metric, target, name: str) -> float:

@@ -10,15 +10,18 @@ logging to TensorBoard / W&B, and checkpoints; dpg brings the rewards and the wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 
+from dpg import memory
 from dpg.config import LoraSettings, TrainConfig
 from dpg.data import as_chat, ascii_only, load_prompts, read_texts
 from dpg.errors import DpgError
@@ -110,6 +113,10 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
         save_strategy="steps" if g.save_every else "no", save_steps=max(g.save_every, 1) * per_step,
         generation_kwargs={"suppress_tokens": ascii_only(generator_tok)} if g.allowed_tokens == "ascii" else None,
     )  # fmt: skip
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(GRPOConfig)}:
+        # TRL's default gradient_checkpointing=True, under the name transformers now calls
+        # deprecated: the same setting, without a FutureWarning at every start.
+        kwargs["activation_checkpointing"] = True
     kwargs |= g.extra
     try:
         return GRPOConfig(**kwargs)
@@ -138,6 +145,9 @@ def run_train(cfg: TrainConfig) -> Path | None:
 
     began = time.monotonic()
     check_settings(cfg)  # counts and sizes, before anything loads
+    # TRL calls transformers' gradient_checkpointing_* methods, deprecated for activation_checkpointing_*:
+    # warnings no dpg user can act on.
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)
     device, main = process_device(cfg.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +157,12 @@ def run_train(cfg: TrainConfig) -> Path | None:
     target, target_tok = load(cfg.target, device=device)
     reward = build_reward(cfg, target, target_tok, device, resolve_dtype(cfg.dtype), steps_per_batch=args.logging_steps)
     reward = DistinctShare(reward)  # logs the share of distinct completions of every step
-    check_run(cfg, prompts, generator, generator_tok, target, getattr(reward, "metric", None))  # before any compute
+    metric = getattr(reward, "metric", None)
+    longest = check_run(cfg, prompts, generator, generator_tok, target, metric)  # before any compute
+    estimate = memory.train_estimate(cfg, target, generator, device, longest)
+    memory.ensure_fits(estimate, "dpg train", memory.TRAIN_FIXES)
+    if main:
+        print(f"estimated peak memory {estimate.total / memory.GB:.1f} GB ({estimate.describe()})")
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
     if cfg.grpo.beta:
@@ -168,8 +183,8 @@ def run_train(cfg: TrainConfig) -> Path | None:
 def load_generator(cfg: TrainConfig):
     """(generator on the CPU, its tokenizer, the training prompts as the trainer takes them).
     TRL / accelerate move the generator to its device."""
-    train_prompts, _ = load_prompts(cfg.prompts)
     generator, generator_tok = load(cfg.generator, device="cpu")
+    train_prompts, _ = load_prompts(cfg.prompts, generator_tok)
     generator.train()
     if cfg.prompts.chat and not getattr(generator_tok, "chat_template", None):
         raise DpgError(f"prompts.chat is true but the generator {cfg.generator.model!r} has no chat template")

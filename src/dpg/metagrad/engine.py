@@ -220,8 +220,10 @@ def fine_tune(
         with tqdm(total=total, disable=not progress, desc="train", unit="mb") as bar:
             opt = recipe.optimizer_record()
             params, state, losses = target.params, optim.init(opt, target.params), []
-            for step in plan:
-                params, state, _, loss, _ = train_step(target, opt, step, params, state, bar, group=group)
+            for t, step in enumerate(plan, 1):  # the last step's optimizer state is never read
+                params, state, _, loss, _ = train_step(
+                    target, opt, step, params, state, bar, group=group, keep_state=t < len(plan)
+                )
                 losses.append(loss)
     return TrainResult(params, losses)
 
@@ -306,11 +308,16 @@ def _reverse_sweep(target: Target, run: ScheduledRun, adj: Params, n: int, hvp_p
     adj_state = None
     for t, record in run.reversed_records():
         step = plan[t - 1]
-        theta = record.get("theta", target.params)
-        state_after = optim.AdamState(t, record["m"], record["v"]) if "m" in record else None
-        gamma, adj_direct, adj_state = optim.step_adjoint(opt, state_after, record.get("g", {}), adj, adj_state)
+        theta = record.pop("theta", target.params)
+        adamw = isinstance(opt, optim.AdamW)
+        state_after = optim.AdamState(t, record.pop("m", {}), record.pop("v", {})) if adamw else None
+        # Step 1: nothing upstream of θ_0 is wanted, so only the adjoint of g.
+        gamma, adj_direct, adj_state = optim.step_adjoint(
+            opt, state_after, record.pop("g", {}), adj, adj_state, upstream=t > 1
+        )
+        adj.clear()  # λ is consumed (the caller's dict too): its memory is free for the passes below
         del state_after
-        if t == 1:  # nothing upstream of θ_0 is wanted: scores only, no Hessian term
+        if t == 1:  # scores only, no Hessian term
             stash = record.get("hidden") if _head_only(target, gamma) else None
             for j, mb in enumerate(step.microbatches):
                 if stash:  # the training pass's hidden states: no second trunk pass at all

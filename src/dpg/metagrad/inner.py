@@ -41,10 +41,12 @@ class Stepped(NamedTuple):
 
 def train_step(
     target: Target, opt: optim.Optimizer, step: Step, params: Params, state: optim.AdamState | None, bar: tqdm,
-    stash_hidden: bool = False, group: dist.ProcessGroup | None = None,
+    stash_hidden: bool = False, group: dist.ProcessGroup | None = None, keep_state: bool = True,
 ) -> Stepped:  # fmt: skip
+    """One inner step. `keep_state=False`: no optimizer state after it (None), for a step
+    whose state nothing reads (the last one; after step 1 the reverse sweep recomputes m, v from g)."""
     grads, loss, hidden = _batch_grad(target, params, step, bar, stash_hidden, group)
-    new_params, new_state = optim.step(opt, params, state, grads)
+    new_params, new_state = optim.step(opt, params, state, grads, keep_state=keep_state)
     return Stepped(new_params, new_state, grads, loss, hidden)
 
 
@@ -115,10 +117,15 @@ class ScheduledRun:
         else:  # run
             t, save = act[1], act[2]
             params, state = self.current
-            stash = self.stash_hidden and t == 1
-            out = train_step(self.target, self.opt, self.plan[t - 1], params, state, self.bar, stash, self.group)
+            # A record of step 1 holds only g (m, v are functions of it): its state is needed
+            # only by a later step or a saved state. For M = 1 that spares two parameter copies.
+            keep = t < len(self.plan) or save == "state" or (save == "record" and t > 1)
+            out = train_step(
+                self.target, self.opt, self.plan[t - 1], params, state, self.bar, self.stash_hidden and t == 1,
+                self.group, keep_state=keep,
+            )  # fmt: skip
             if save == "record":
-                record = _record(t, params, out)
+                record = _record(t, params, out, isinstance(self.opt, optim.AdamW))
                 if is_direct(self.actions, i):
                     self.direct = record
                 else:
@@ -136,11 +143,14 @@ class ScheduledRun:
         return saved["theta"], optim.AdamState(c, saved["m"], saved["v"]) if "m" in saved else None
 
 
-def _record(t: int, params: Params, out: Stepped) -> Record:
-    """What step t's adjoint needs. θ_0 is target.params, always at hand."""
+def _record(t: int, params: Params, out: Stepped, adamw: bool) -> Record:
+    """What step t's adjoint needs. θ_0 is target.params, always at hand; step 1's moments
+    are functions of its gradient, recomputed by the adjoint (optim.step_adjoint)."""
     record = {"theta": params} if t > 1 else {}
-    if out.state is not None:  # AdamW
-        record |= {"g": out.grads, "m": out.state.m, "v": out.state.v}
+    if adamw:
+        record["g"] = out.grads
+        if t > 1:
+            record |= {"m": out.state.m, "v": out.state.v}
     if out.hidden:
         record["hidden"] = out.hidden
     return record

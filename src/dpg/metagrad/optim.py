@@ -18,6 +18,7 @@ Update rules (the engine contract in DESIGN.md):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -55,31 +56,68 @@ class AdamAdjoint(NamedTuple):
 
 
 def init(opt: Optimizer, params: Params) -> AdamState | None:
-    """Fresh optimizer state (the inner run always starts from it)."""
+    """Fresh optimizer state (the inner run always starts from it). A name missing from m
+    or v means an exactly-zero moment: no zero tensors are allocated for the first step."""
     if isinstance(opt, SGD):
         return None
-    zeros = {k: torch.zeros_like(p) for k, p in params.items()}
-    return AdamState(0, zeros, {k: torch.zeros_like(p) for k, p in params.items()})
+    return AdamState(0, {}, {})
+
+
+# Elementwise work runs over flat chunks of this many elements, so its temporaries stay
+# chunk-sized however large one parameter is (a 262k-token embedding is most of a small model).
+CHUNK = 1 << 21
+
+
+def map_chunks(fn, *xs: Tensor | None) -> list[Tensor | None]:
+    """`fn` over aligned flat chunks of `xs` (tensors of one shape, or None), its outputs
+    written into new tensors of that shape (None where `fn` gives None). Same numbers as
+    `fn` on the whole tensors: every operation in it must be elementwise."""
+    ref = next(x for x in xs if x is not None)
+    flat = [None if x is None else x.reshape(-1) for x in xs]
+    n, outs = ref.numel(), None
+    for s in range(0, max(n, 1), CHUNK):
+        res = fn(*(None if x is None else x[s : s + CHUNK] for x in flat))
+        if outs is None:
+            outs = [None if r is None else torch.empty(n, dtype=r.dtype, device=r.device) for r in res]
+        for out, r in zip(outs, res):
+            if out is not None:
+                out[s : s + CHUNK] = r
+    return [None if out is None else out.view(ref.shape) for out in outs]
+
+
+def _moments(opt: AdamW, g: Tensor, m: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor]:
+    """m' = b1·m + (1−b1)·g, v' = b2·v + (1−b2)·g²; None is a zero moment (a fresh state)."""
+    m = g * (1.0 - opt.b1) if m is None else torch.lerp(g, m, opt.b1)
+    v = (g * g) * (1.0 - opt.b2) if v is None else torch.lerp(g * g, v, opt.b2)
+    return m, v
 
 
 def step(
-    opt: Optimizer, params: Params, state: AdamState | None, grads: Params
+    opt: Optimizer, params: Params, state: AdamState | None, grads: Params, *, keep_state: bool = True
 ) -> tuple[Params, AdamState | None]:
-    """One update; returns new tensors and never writes into its inputs."""
+    """One update; returns new tensors and never writes into its inputs. `keep_state=False`
+    returns no optimizer state (None): the last step of an inner run needs none."""
     if isinstance(opt, SGD):
-        return {k: p - opt.lr * (grads[k] + opt.weight_decay * p) for k, p in params.items()}, None
+        def sgd(p, g):
+            return (p - opt.lr * (g + opt.weight_decay * p),)
+
+        return {k: map_chunks(sgd, p, grads[k])[0] for k, p in params.items()}, None
     t = state.count + 1
     c1, c2 = 1.0 / (1.0 - opt.b1**t), 1.0 / (1.0 - opt.b2**t)
-    new_p, new_m, new_v = {}, {}, {}
-    for k, p in params.items():
-        g = grads[k]
-        m = torch.lerp(g, state.m[k], opt.b1)  # b1·m + (1−b1)·g
-        v = torch.lerp(g * g, state.v[k], opt.b2)
+
+    def adam(p, g, m, v):
+        m, v = _moments(opt, g, m, v)
         u = (c1 * m) / (torch.sqrt(c2 * v + opt.eps_root) + opt.eps)
         if opt.weight_decay:
             u = u + opt.weight_decay * p
-        new_p[k], new_m[k], new_v[k] = p - opt.lr * u, m, v
-    return new_p, AdamState(t, new_m, new_v)
+        return p - opt.lr * u, m if keep_state else None, v if keep_state else None
+
+    new_p, new_m, new_v = {}, {}, {}
+    for k, p in params.items():
+        new_p[k], m, v = map_chunks(adam, p, grads[k], state.m.get(k), state.v.get(k))
+        if keep_state:
+            new_m[k], new_v[k] = m, v
+    return new_p, AdamState(t, new_m, new_v) if keep_state else None
 
 
 def step_adjoint(
@@ -88,6 +126,8 @@ def step_adjoint(
     grads: Params,
     adj_params: Params,
     adj_state: AdamAdjoint | None,
+    *,
+    upstream: bool = True,
 ) -> tuple[Params, Params, AdamAdjoint | None]:
     """Vector-Jacobian product of `step`.
 
@@ -95,43 +135,56 @@ def step_adjoint(
     (adjoint of the gradient g, adjoint of the old params through the update alone,
     adjoint of the old state). The engine adds the Hessian term H·(adjoint of g) to the
     old params' adjoint itself: that part goes through the model, not the optimizer.
-    `state_after` is the state the step produced (its m, v and count t).
+    `state_after` is the state the step produced (its m, v and count t); after the first
+    step a name may be missing from it, and its moments are recomputed from g (they are
+    functions of g alone). `upstream=False` (the first step: nothing before it is wanted)
+    returns only the adjoint of g, with empty dicts for the rest.
     """
     if isinstance(opt, SGD):
         adj_g = {k: -opt.lr * a for k, a in adj_params.items()}
         decay = 1.0 - opt.lr * opt.weight_decay
-        return adj_g, {k: decay * a for k, a in adj_params.items()}, None
+        return adj_g, ({k: decay * a for k, a in adj_params.items()} if upstream else {}), None
 
     t = state_after.count
     c1, c2 = 1.0 / (1.0 - opt.b1**t), 1.0 / (1.0 - opt.b2**t)
     adj_state = adj_state or AdamAdjoint({}, {})
+
+    adjoint = functools.partial(_adam_adjoint, opt, c1, c2, upstream)
+
     adj_g, adj_p, adj_m, adj_v = {}, {}, {}, {}
     for k in set(adj_params) | set(adj_state.m) | set(adj_state.v):
-        g, m, v = grads[k], state_after.m[k], state_after.v[k]
-        a_m = adj_state.m.get(k)
-        a_v = adj_state.v.get(k)
-        a_p = adj_params.get(k)
-        if a_p is not None:
-            s = torch.sqrt(c2 * v + opt.eps_root)
-            d = s + opt.eps
-            # θ' = θ − lr·(c1·m/d + wd·θ): d/dm = −lr·c1/d,  d/dv = lr·c1·m·c2/(2·s·d²).
-            from_m = (-opt.lr * c1) * a_p / d
-            # Guard: where v = 0 (and eps_root = 0) the coordinate never saw a gradient, so
-            # m = 0 too; the true derivative through v is 0 there, not 0·∞ = NaN.
-            from_v = torch.where(s > 0, (opt.lr * c1 * c2 * 0.5) * a_p * m / (s * d * d), 0.0)
-            a_m = from_m if a_m is None else a_m + from_m
-            a_v = from_v if a_v is None else a_v + from_v
-            if opt.weight_decay:
-                adj_p[k] = (1.0 - opt.lr * opt.weight_decay) * a_p
-            else:
-                adj_p[k] = a_p
-        # m' = b1·m + (1−b1)·g,  v' = b2·v + (1−b2)·g²
-        terms = []
-        if a_m is not None:
-            terms.append((1.0 - opt.b1) * a_m)
-            adj_m[k] = opt.b1 * a_m
-        if a_v is not None:
-            terms.append((2.0 * (1.0 - opt.b2)) * g * a_v)
-            adj_v[k] = opt.b2 * a_v
-        adj_g[k] = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        moments = (state_after.m.get(k), state_after.v.get(k))
+        ins = (grads[k], *moments, adj_params.get(k), adj_state.m.get(k), adj_state.v.get(k))
+        for out, x in zip((adj_g, adj_p, adj_m, adj_v), map_chunks(adjoint, *ins)):
+            if x is not None:
+                out[k] = x
     return adj_g, adj_p, AdamAdjoint(adj_m, adj_v)
+
+
+def _adam_adjoint(opt: AdamW, c1: float, c2: float, upstream: bool, g, m, v, a_p, a_m, a_v):
+    """step_adjoint's elementwise work for one (chunk of a) parameter."""
+    if m is None:  # the first step's moments: functions of its gradient
+        m, v = _moments(opt, g, None, None)
+    out_p = None
+    if a_p is not None:
+        s = torch.sqrt(c2 * v + opt.eps_root)
+        d = s + opt.eps
+        # θ' = θ − lr·(c1·m/d + wd·θ): d/dm = −lr·c1/d,  d/dv = lr·c1·m·c2/(2·s·d²).
+        from_m = (-opt.lr * c1) * a_p / d
+        # Guard: where v = 0 (and eps_root = 0) the coordinate never saw a gradient, so
+        # m = 0 too; the true derivative through v is 0 there, not 0·∞ = NaN.
+        from_v = torch.where(s > 0, (opt.lr * c1 * c2 * 0.5) * a_p * m / (s * d * d), 0.0)
+        a_m = from_m if a_m is None else a_m + from_m
+        a_v = from_v if a_v is None else a_v + from_v
+        if upstream:
+            out_p = (1.0 - opt.lr * opt.weight_decay) * a_p if opt.weight_decay else a_p
+    # m' = b1·m + (1−b1)·g,  v' = b2·v + (1−b2)·g²
+    terms = []
+    if a_m is not None:
+        terms.append((1.0 - opt.b1) * a_m)
+    if a_v is not None:
+        terms.append((2.0 * (1.0 - opt.b2)) * g * a_v)
+    out_g = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    out_m = opt.b1 * a_m if upstream and a_m is not None else None
+    out_v = opt.b2 * a_v if upstream and a_v is not None else None
+    return out_g, out_p, out_m, out_v

@@ -3,6 +3,7 @@ and the checks every input passes before any compute."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -44,6 +45,11 @@ class Recipe:
             raise DpgError(f"recipe.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.steps < 1:
             raise DpgError(f"recipe.steps must be at least 1, got {self.steps}")
+        # A negative lr trains toward a worse loss and a zero one trains nothing: both ran silently.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DpgError(f"recipe.lr must be positive and finite, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise DpgError(f"recipe.weight_decay must be ≥ 0 and finite, got {self.weight_decay}")
         for name in ("batch_size", "microbatch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

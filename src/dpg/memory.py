@@ -1,0 +1,206 @@
+"""Peak memory of `dpg check`, `attribute` and `train`, estimated before any compute.
+
+A command that needs more memory than the machine has is killed by the kernel with no
+message, often minutes in. Each command therefore estimates its peak from the model's
+shape (parameters, vocabulary, width, depth), the sequence lengths, the microbatch, the
+number of inner steps M and the dtype, and refuses to start when the estimate exceeds the
+memory available, naming the figure and the keys that lower it.
+
+The estimate counts what the engine holds at its peak (metagrad/engine.py):
+  - the model as loaded, and a private copy when the engine runs another dtype or device;
+  - parameter copies: M = 1 AdamW holds g, θ_1 and then λ = ∇Φ and γ (3 copies at most;
+    the first step's moments are recomputed from g); M > 1 keeps θ_{t−1}, g_t, m_t, v_t of
+    every step for the reverse sweep (4M − 3) plus about 6 working copies;
+  - activations of one microbatch: the trunk's saved activations and the (tokens ×
+    vocabulary) logits, the softmax and their gradient — with a 262k-token vocabulary
+    these dominate as soon as a microbatch holds a few thousand tokens;
+  - the Python / torch runtime itself.
+It is checked against measured peaks in tests/test_new_user.py (within 0.5×–2×) and the
+README's "Memory" table.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from dpg.errors import DpgError
+
+GB = 2**30
+RUNTIME = int(0.6 * GB)  # Python, torch, transformers and tokenizers once imported (measured ~0.5 GB)
+
+
+class ModelShape(NamedTuple):
+    params: int  # parameters, tied weights counted once
+    trainable: int  # of which trainable (the ones the inner run updates)
+    vocab: int  # rows of the LM head
+    hidden: int  # width of the residual stream
+    layers: int  # transformer blocks
+    intermediate: int  # width of the MLP
+    heads: int  # attention heads
+
+
+class Estimate(NamedTuple):
+    parts: dict[str, int]  # bytes, by what holds them
+    device: str  # "cpu" or "cuda:N": where they are held
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v / GB:.1f} GB" for k, v in self.parts.items() if v >= 0.05 * GB)
+
+
+def model_shape(model) -> ModelShape:
+    """The shape of a loaded causal LM (HF config names, with GPT-2's as fallbacks)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+
+    def get(*names, default=0):
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return default
+
+    unique = {id(p): p for p in model.parameters()}.values()
+    hidden = get("hidden_size", "n_embd", "d_model")
+    return ModelShape(
+        params=sum(p.numel() for p in unique),
+        trainable=sum(p.numel() for p in unique if p.requires_grad),
+        vocab=model.get_input_embeddings().weight.shape[0],
+        hidden=hidden,
+        layers=get("num_hidden_layers", "n_layer", "num_layers"),
+        intermediate=get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
+        heads=get("num_attention_heads", "n_head", default=1),
+    )
+
+
+def engine_copies(steps: int, optimizer: str) -> int:
+    """Parameter copies the engine holds at its peak, beyond θ_0 (see the module docstring)."""
+    if optimizer == "sgd":
+        return 2 if steps == 1 else steps + 4
+    return 3 if steps == 1 else 4 * steps + 3
+
+
+def activation_bytes(shape: ModelShape, sequences: int, length: int, nbytes: int, second_order: bool) -> int:
+    """One microbatch's activations: the trunk's saved tensors and the head's (tokens × V)
+    logits, softmax and gradients; second-order passes (M > 1) keep primal and tangent."""
+    tokens = sequences * length
+    per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate) + 2 * sequences * shape.heads * length * length
+    trunk = shape.layers * per_layer * nbytes
+    head = 4 * tokens * shape.vocab * nbytes
+    if second_order:
+        trunk *= 3
+        head = max(head, 4 * min(tokens, 4096) * shape.vocab * nbytes)  # HeadTangent's chunks of 4096 tokens
+    return trunk + head
+
+
+def engine_parts(
+    shape: ModelShape, *, examples: int, length: int, steps: int, optimizer: str, microbatch: int | None,
+    nbytes: int, copied: bool, host_store: bool = False,
+) -> dict[str, int]:  # fmt: skip
+    """Bytes of one metagradient run, beyond the model as loaded. `copied`: the engine runs
+    in another dtype or device than the model's, so it makes a private copy. `host_store`:
+    the saved steps wait off the device (a GPU run with offload cpu or disk), which then
+    holds only the working copies."""
+    per_step = -(-examples // steps)  # the largest batch
+    sequences = min(microbatch or per_step, per_step)
+    copies = engine_copies(steps, optimizer)
+    if host_store and steps > 1:
+        copies = min(copies, 7)
+    parts = {"parameter copies": copies * shape.trainable * nbytes}
+    if copied:
+        parts["engine's model copy"] = shape.params * nbytes
+    parts["activations"] = activation_bytes(shape, sequences, length, nbytes, second_order=steps > 1)
+    return parts
+
+
+def estimate_check(shape: ModelShape, *, examples: int, length: int, steps: int, optimizer: str,
+                   microbatch: int | None, device: torch.device) -> Estimate:  # fmt: skip
+    """dpg check: the model in fp64, the fp64 engine (its finite differences hold less)."""
+    parts = {"runtime": RUNTIME if device.type == "cpu" else 0, "model (fp64)": shape.params * 8}
+    parts |= engine_parts(shape, examples=examples, length=length, steps=steps, optimizer=optimizer,
+                          microbatch=microbatch, nbytes=8, copied=False)  # fmt: skip
+    return Estimate(parts, str(device))
+
+
+def estimate_attribute(shape: ModelShape, *, examples: int, length: int, steps: int, optimizer: str,
+                       microbatch: int | None, dtype: torch.dtype, device: torch.device,
+                       offload: str = "cpu") -> Estimate:  # fmt: skip
+    """dpg attribute: the model in fp32 and one engine run in `dtype`."""
+    nbytes = torch.finfo(dtype).bits // 8
+    parts = {"runtime": RUNTIME if device.type == "cpu" else 0, "model (fp32)": shape.params * 4}
+    parts |= engine_parts(shape, examples=examples, length=length, steps=steps, optimizer=optimizer,
+                          microbatch=microbatch, nbytes=nbytes, copied=nbytes != 4,
+                          host_store=device.type == "cuda" and offload != "device")  # fmt: skip
+    return Estimate(parts, str(device))
+
+
+def estimate_train(target: ModelShape, generator: ModelShape, *, examples: int, length: int, steps: int,
+                   optimizer: str, microbatch: int | None, nbytes: int, sequences: int, sequence_length: int,
+                   reference: bool, device: torch.device, offload: str = "cpu") -> Estimate:  # fmt: skip
+    """dpg train: the target and one inner run of `examples` completions (metagrad reward),
+    and the GRPO side in fp32 — generator weights, gradient and AdamW's two moments, a KL
+    reference model, and one update's activations (`sequences` of `sequence_length`)."""
+    parts = {"runtime": RUNTIME if device.type == "cpu" else 0, "target (fp32)": target.params * 4}
+    engine = {}
+    if examples:  # metagrad / naive rewards: one inner run at a time
+        engine = engine_parts(target, examples=examples, length=length, steps=steps, optimizer=optimizer,
+                              microbatch=microbatch, nbytes=nbytes, copied=nbytes != 4,
+                              host_store=device.type == "cuda" and offload != "device")  # fmt: skip
+    parts |= {f"inner run: {k}": v for k, v in engine.items()}
+    parts["generator + AdamW"] = generator.params * 4 * (4 + int(reference))
+    parts["generator activations"] = activation_bytes(generator, sequences, sequence_length, 4, second_order=False)
+    return Estimate(parts, str(device))
+
+
+TRAIN_FIXES = (
+    "cut the inner run into microbatches (recipe.microbatch_size), shorten completions (reward.max_length, "
+    "grpo.max_completion_length), generate fewer per step (grpo.prompts_per_step, grpo.num_generations) or "
+    "update in more mini-batches (grpo.updates_per_step), or run on a device with more memory (device)"
+)
+
+
+def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: int) -> Estimate:
+    """estimate_train for a dpg train config (a TrainConfig) and the loaded models;
+    `prompt_tokens`: the longest prompt, in generator tokens."""
+    g, r = cfg.grpo, cfg.reward
+    inner = r.name in ("metagrad", "naive")
+    per_run = g.prompts_per_step * (g.num_generations if r.name == "metagrad" and r.cross_group_batching else 1)
+    return estimate_train(
+        model_shape(target), model_shape(generator), examples=per_run if inner else 0, length=r.max_length,
+        steps=cfg.recipe.steps, optimizer=cfg.recipe.optimizer, microbatch=cfg.recipe.microbatch_size,
+        nbytes=8 if cfg.dtype == "float64" else 4,
+        sequences=g.prompts_per_step * g.num_generations // g.updates_per_step,
+        sequence_length=prompt_tokens + g.max_completion_length, reference=g.beta > 0, device=device,
+    )  # fmt: skip
+
+
+def available_bytes(device: torch.device) -> int:
+    """What this process could hold in all on `device`: free memory plus what it holds now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)
+    import psutil
+
+    return psutil.virtual_memory().available + psutil.Process(os.getpid()).memory_info().rss
+
+
+def ensure_fits(estimate: Estimate, command: str, fixes: str) -> None:
+    """Refuse, before any compute, a run whose estimated peak exceeds the memory available.
+
+    `fixes` names the config keys that lower the estimate. DPG_MEMORY_CHECK=0 skips this."""
+    if os.environ.get("DPG_MEMORY_CHECK", "1") == "0":
+        return
+    device = torch.device(estimate.device)
+    have = available_bytes(device)
+    if estimate.total > have:
+        raise DpgError(
+            f"{command} needs about {estimate.total / GB:.1f} GB at its peak ({estimate.describe()}), "
+            f"but {have / GB:.1f} GB is available on {device}. To fit, {fixes}. "
+            "(The estimate is within about 2x; set DPG_MEMORY_CHECK=0 to start anyway.)"
+        )
