@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from dpg import DpgError, Recipe
 from dpg.attribute import AttributeConfig
 from dpg.check import CheckConfig
-from dpg.config import describe, load_config, to_dict
+from dpg.config import describe, load_config, to_yaml
 from dpg.models import byte_tokenizer
 from dpg.safety import check_settings
 from dpg.config import TrainConfig
@@ -138,7 +138,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def assert_saves_and_loads_back(cls, cfg, folder):
     """dpg train saves its config as YAML (config.yaml); loading that must give the same config."""
     path = folder / "saved.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    path.write_text(to_yaml(cfg))  # as dpg train writes config.yaml
     assert load_config(cls, path) == cfg
 
 
@@ -173,3 +173,11 @@ def test_fuzz_yaml_files_load_or_raise_dpg_error(folder, cls, doc):
     except DpgError:
         return
     assert_saves_and_loads_back(cls, cfg, folder)
+
+
+@pytest.mark.parametrize("text", ["a\x85b", "x\u2028y\u2029", "Grüße, ½"])
+def test_saved_config_keeps_characters_yaml_reads_as_line_breaks(tmp_path, text):
+    """U+0085 and U+2028/9 written raw would load back as line breaks (found by the fuzz test)."""
+    cfg = load_config(TrainConfig, None, [f"output_dir={text}"])
+    assert cfg.output_dir == text
+    assert_saves_and_loads_back(TrainConfig, cfg, tmp_path)

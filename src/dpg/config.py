@@ -165,6 +165,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def to_yaml(cfg: Any) -> str:
+    """The config as YAML that loads back to the same config. Non-ASCII text is escaped:
+    with allow_unicode PyYAML writes U+0085 (and U+2028/9) raw, and a YAML reader takes them
+    for line breaks."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=False)
+
+
 def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
     """(dotted key, default, comment) for every field; comments are read from the source.
 

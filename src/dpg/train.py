@@ -15,14 +15,12 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from dpg import memory
-from dpg.config import LoraSettings, TrainConfig
+from dpg.config import LoraSettings, TrainConfig, to_yaml
 from dpg.data import as_chat, ascii_only, load_prompts, read_texts
 from dpg.errors import DpgError
 from dpg.metrics import build_metric
@@ -164,7 +162,7 @@ def run_train(cfg: TrainConfig) -> Path | None:
     if main:
         print(f"estimated peak memory {estimate.total / memory.GB:.1f} GB ({estimate.describe()})")
     if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True))
+        (out / "config.yaml").write_text(to_yaml(cfg))
     if cfg.grpo.beta:
         give_reference_a_directory(generator, generator_tok, out, main)
     limit = TimeLimit(cfg.time_limit, args.logging_steps, start=began)
