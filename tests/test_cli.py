@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import dpg.check
+from dpg.attribute import AttributeConfig
+from dpg.check import CheckConfig
 from dpg import Recipe, example_metagrads
 from dpg.cli import main
 from dpg.data import builtin_texts, encode_texts
@@ -39,7 +41,8 @@ def test_attribute_builtin_default_writes_the_engine_scores(tmp_path, capsys):
     texts = builtin_texts()
     assert [r["text"] for r in rows] == texts
     model, tok = load_model("tiny-llama")
-    direct = example_metagrads(model, encode_texts(tok, texts, 128), Recipe(lr=1e-3), l2_metric(model))
+    recipe = AttributeConfig().recipe  # attribute's default inner run (the paper's AdamW, lr 5e-6)
+    direct = example_metagrads(model, encode_texts(tok, texts, 128), recipe, l2_metric(model))
     assert torch.equal(torch.tensor([r["score"] for r in rows], dtype=direct.scores.dtype), direct.scores)
     printed = capsys.readouterr().out
     best, worst = int(direct.scores.argmax()), int(direct.scores.argmin())
@@ -54,7 +57,7 @@ def test_check_prints_the_engine_scores_and_passes(capsys):
     model, tok = load_model("tiny-gpt2", dtype=torch.float64)
     examples = encode_texts(tok, builtin_texts()[:6], 64)
     with float64_everywhere():
-        recipe, metric = Recipe(steps=3, lr=1e-3), pattern_metric(model)
+        recipe, metric = CheckConfig().recipe, pattern_metric(model)  # check's default inner run
         direct = example_metagrads(model, examples, recipe, metric, dtype=torch.float64)
     # The checked examples are the largest and the smallest score, printed as the engine gives them.
     assert [int(row[0]) for row in table] == [int(direct.scores.argmax()), int(direct.scores.argmin())]
