@@ -66,6 +66,8 @@ def check_settings(cfg) -> None:
                     "grpo.epsilon": g.epsilon, "lora.alpha": cfg.lora.alpha})  # fmt: skip
     if cfg.lora.dropout >= 1:
         raise DpgError(f"lora.dropout must be below 1, got {cfg.lora.dropout}")
+    if cfg.time_limit < 0:
+        raise DpgError(f"time_limit must be at least 0 minutes (0: none), got {cfg.time_limit}")
 
 
 def check_at_least(least: dict) -> None:
