@@ -16,8 +16,13 @@ the kept examples in pool order, split into M batches):
          correlation, across subsets, of the retrained Φ with the sum of the kept examples'
          scores.
   top-k  for each k: drop the k examples a method calls most harmful, or keep only the k it
-         calls most helpful; retrain; ΔΦ against training on the whole pool. Random picks
-         (`random_seeds` of them) give the baseline, mean ± standard deviation.
+         calls most helpful; retrain; ΔΦ against training on the whole pool.
+The `random` method is the baseline: random scores, one draw per seed (`random_seeds` of
+them), judged like every method; its LDS is ≈ 0 and its top-k picks are random k examples;
+reported as mean ± standard deviation over the seeds.
+
+`inner=sgd` is the control: the same benchmark with plain SGD (lr `sgd_lr`) as the inner run,
+where Φ(w) is close to linear in the weights, against AdamW's sign-like first steps.
 
 Every method returns one score per example on dpg's scale: positive = helps Φ. The methods
 themselves live in attribution_methods.py (they import the bench-only libraries); this file
@@ -49,6 +54,13 @@ from dpg.models import load_model
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TASKS = ("german", "pattern")
 METHODS = ("dpg", "grad_dot", "tracin", "kronfluence_ekfac", "trak", "dattri_datainf")
+# inner=sgd's learning rate. Under SGD, scaling every weight w_i by c is scaling lr by c (weight
+# decay aside), so Φ along w = c·1 is Φ against lr. Measured on the german task (Φ after the
+# whole pool minus Φ(θ_0)): lr 0.003 +0.024, 0.01 +0.060, 0.03 +0.113, 0.1 +0.183, 0.2 −0.070,
+# 0.3 −0.698 (AdamW at lr 3e-3: +0.324). At 0.01 the gain per unit lr is 75 % of 0.003's (at 0.1,
+# 23 %): close to linear in w while Φ still moves. Chosen from this curve alone, not from any
+# method's scores.
+SGD_LR = 0.01
 
 
 @dataclass
@@ -57,15 +69,17 @@ class BenchConfig:
 
     pool: int = 512  # examples in the fine-tuning pool
     seq_len: int = 32  # tokens per example (bytes: the tiny target's tokenizer)
-    steps: int = 4  # M, inner AdamW steps; the pool is split in order into M batches
+    steps: int = 4  # M, inner optimizer steps; the pool is split in order into M batches
+    inner: str = "adamw"  # the inner run's optimizer: adamw | sgd (the linear control)
     lr: float = 3e-3  # inner AdamW learning rate (the other AdamW settings are dpg's defaults)
+    sgd_lr: float = SGD_LR  # inner learning rate under inner=sgd (dpg's default weight decay)
     pretrain_steps: int = 100  # AdamW steps of English pre-training before the benchmark
     pretrain_batch: int = 32  # examples per pre-training step
     heldout: int = 32  # held-out German texts that the `german` metric measures the loss on
     subsets: int = 64  # random subsets per fraction for the LDS
     fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])  # kept share of the pool, per LDS
     ks: list[int] = field(default_factory=lambda: [16, 64])  # top-k sizes
-    random_seeds: int = 3  # random picks per top-k setting (the baseline)
+    random_seeds: int = 5  # draws of the `random` method's scores (the baseline's mean ± std)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # german | pattern
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # see attribution_methods.py
     data_dir: str = str(DATA)  # ../shared/data: fortunes_{en,de,es}.txt
@@ -124,10 +138,9 @@ def top_k(scores: Tensor, k: int) -> dict[str, Tensor]:
     }
 
 
-def random_picks(n: int, k: int, seed: int) -> dict[str, Tensor]:
-    """The random baseline's training sets for one seed, like `top_k`'s."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return {f"drop_harmful_{k}": perm[k:].sort().values, f"keep_helpful_{k}": perm[:k].sort().values}
+def random_scores(n: int, seed: int) -> Tensor:
+    """The `random` method's scores for one seed: i.i.d. standard normal, (n,) float64."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- ground truth
@@ -185,18 +198,30 @@ def evaluate_scores(scores: Tensor, task: str, truth: dict, retrain: Retrain, ph
     return row
 
 
-def random_baseline(retrain: Retrain, task: str, n: int, phi_full: float, cfg: BenchConfig) -> dict:
-    """ΔΦ of random picks on `task`: mean and standard deviation over `random_seeds` seeds."""
-    gains: dict[str, list[float]] = {}
-    for s in range(cfg.random_seeds):
-        for k in cfg.ks:
-            for name, keep in random_picks(n, k, seed=cfg.seed * 1000 + 500 + s).items():
-                gains.setdefault(name, []).append(retrain(keep)[task] - phi_full)
-    stats = {name: torch.tensor(g, dtype=torch.float64) for name, g in gains.items()}
-    return {
-        "topk_gain": {name: float(g.mean()) for name, g in stats.items()},
-        "topk_gain_std": {name: float(g.std()) if len(g) > 1 else 0.0 for name, g in stats.items()},
-    }
+def random_baseline(retrain: Retrain, task: str, truth: dict, phi_full: float, n: int, cfg: BenchConfig) -> dict:
+    """The `random` method on `task`: `random_scores` for each of `random_seeds` seeds, judged
+    by `evaluate_scores`; every figure is the mean over the seeds, with its standard deviation
+    beside it (lds_50_std, topk_gain_std)."""
+    rows = [
+        evaluate_scores(random_scores(n, cfg.seed * 1000 + 500 + s), task, truth, retrain, phi_full, cfg.ks)
+        for s in range(cfg.random_seeds)
+    ]  # fmt: skip
+    return mean_std(rows)
+
+
+def mean_std(rows: list[dict]) -> dict:
+    """Mean and sample standard deviation (0 for one row) of `evaluate_scores` rows."""
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+
+    out: dict = {"topk_gain": {}, "topk_gain_std": {}}
+    for key in (k for k in rows[0] if k.startswith("lds_")):
+        out[key], out[f"{key}_std"] = stats([r[key] for r in rows])
+    for name in rows[0]["topk_gain"]:
+        out["topk_gain"][name], out["topk_gain_std"][name] = stats([r["topk_gain"][name] for r in rows])
+    return out
 
 
 # ---------------------------------------------------------------- the task
@@ -264,11 +289,13 @@ def pretrained_target(cfg: BenchConfig, texts: list[str]):
 
 
 def build_tasks(cfg: BenchConfig) -> list[Task]:
+    if cfg.inner not in ("adamw", "sgd"):
+        raise SystemExit(f"inner must be adamw or sgd, got {cfg.inner!r}")
     texts, kinds, heldout, pretrain = build_pool(cfg)
     model, tok = pretrained_target(cfg, pretrain)
     examples = encode_texts(tok, texts, cfg.seq_len)
     assert bool(examples.attention_mask.all()), "every pool text fills seq_len"
-    recipe = Recipe(lr=cfg.lr, steps=cfg.steps)
+    recipe = Recipe(optimizer=cfg.inner, lr=cfg.lr if cfg.inner == "adamw" else cfg.sgd_lr, steps=cfg.steps)
     tasks = []
     for name in cfg.tasks:
         if name == "german":
@@ -297,8 +324,8 @@ def run_task(task: Task, retrain: Retrain, truth: dict, cfg: BenchConfig) -> dic
         methods[name] = {**evaluate_scores(scores, task.name, truth, retrain, phi_full, cfg.ks), "seconds": seconds}
         methods[name]["by_kind"] = _mean_by_kind(scores, task.kinds)
         print(f"[{task.name}] {name}: {_fmt(methods[name])}", flush=True)
-    methods["random"] = {"lds_50": None, "lds_90": None, **random_baseline(retrain, task.name, n, phi_full, cfg)}
-    methods["random"]["seconds"] = 0.0
+    methods["random"] = {**random_baseline(retrain, task.name, truth, phi_full, n, cfg), "seconds": 0.0}
+    print(f"[{task.name}] random (mean of {cfg.random_seeds}): {_fmt(methods['random'])}", flush=True)
     subsets = {}
     for f, (_, phis) in truth.items():
         values = [p[task.name] for p in phis]
@@ -317,7 +344,7 @@ def _mean_by_kind(scores: Tensor, kinds: list[str]) -> dict[str, float]:
 
 
 def _fmt(row: dict) -> str:
-    lds_part = ", ".join(f"{k} {row[k]:.3f}" for k in row if k.startswith("lds_"))
+    lds_part = ", ".join(f"{k} {row[k]:.3f}" for k in row if k.startswith("lds_") and not k.endswith("_std"))
     gains = ", ".join(f"{k} {v:+.3g}" for k, v in row["topk_gain"].items())
     return f"{lds_part}; ΔΦ {gains}; {row['seconds']:.1f} s"
 
@@ -326,12 +353,13 @@ def table(results: dict) -> str:
     """The README's markdown table: one row per task and method; ΔΦ against the whole pool."""
     first = next(iter(results["tasks"].values()))["methods"]
     keys = list(next(iter(first.values()))["topk_gain"])  # drop_harmful_16, keep_helpful_16, ...
-    head = ["task", "method", "LDS 50 %", "LDS 90 %", *(k.replace("_", " ") for k in keys), "seconds"]
+    lds_keys = [k for k in next(iter(first.values())) if k.startswith("lds_") and not k.endswith("_std")]
+    head = ["task", "method", *(f"LDS {k[4:]} %" for k in lds_keys), *(k.replace("_", " ") for k in keys), "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for task, res in results["tasks"].items():
         for name, row in res["methods"].items():
             std = row.get("topk_gain_std", {})
-            cells = [f"{row[k]:.3f}" if row.get(k) is not None else "—" for k in ("lds_50", "lds_90")]
+            cells = [f"{row[k]:.3f}" + (f" ± {row[k + '_std']:.3f}" if k + "_std" in row else "") for k in lds_keys]
             for key in keys:
                 value = row["topk_gain"].get(key)
                 cell = "—" if value is None else f"{value:+.2e}"
@@ -360,13 +388,18 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     truth = ground_truth(retrain, pool.input_ids.shape[0], cfg)
     runs = cfg.subsets * len(cfg.fractions)
-    print(f"ground truth: {runs} retrainings, {time.perf_counter() - start:.0f} s", flush=True)
-    results = {"config": asdict(cfg), "tasks": {t.name: run_task(t, retrain, truth, cfg) for t in tasks}}
-    results["methods"] = results["tasks"][cfg.tasks[0]]["methods"]  # the first task's, as the issue's schema
-    results["seconds"] = {"wall": time.perf_counter() - wall, "cpu_process": time.process_time() - cpu}
-    results["environment"] = _environment()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    truth_seconds = time.perf_counter() - start
+    print(f"ground truth: {runs} retrainings, {truth_seconds:.0f} s", flush=True)
+    command = " ".join(["python benchmarks/attribution.py", *(argv if argv is not None else sys.argv[1:])])
+    results = {"command": command, "config": asdict(cfg), "environment": _environment(), "tasks": {}}
+    results["ground_truth"] = {"retrainings": runs, "seconds": truth_seconds}
+    for t in tasks:  # written after each task, marked partial until the last
+        results["tasks"][t.name] = run_task(t, retrain, truth, cfg)
+        results["methods"] = results["tasks"][cfg.tasks[0]]["methods"]  # the first task's, as the issue's schema
+        results["seconds"] = {"wall": time.perf_counter() - wall, "cpu_process": time.process_time() - cpu}
+        results["partial"] = len(results["tasks"]) < len(tasks)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"wall {results['seconds']['wall']:.0f} s, process CPU {results['seconds']['cpu_process']:.0f} s; {args.out}")
 

@@ -145,9 +145,12 @@ def dattri_task(task: Task, checkpoints: list[dict[str, Tensor]]):
                            checkpoints_load_func=load)  # fmt: skip
 
 
-def dattri_loaders(task: Task, batch: int = 32) -> tuple[DataLoader, DataLoader]:
-    train = DataLoader(Tuples(task.examples.input_ids), batch_size=batch, shuffle=False)
-    test = DataLoader(Tuples(query_ids(task)), batch_size=batch, shuffle=False)
+def dattri_loaders(task: Task, train_batch: int = 32) -> tuple[DataLoader, DataLoader]:
+    """TracIn's attribute() recomputes the query gradients for every training batch: larger
+    training batches only save that repeated work (same scores; the projection is seeded per
+    checkpoint, not per batch)."""
+    train = DataLoader(Tuples(task.examples.input_ids), batch_size=train_batch, shuffle=False)
+    test = DataLoader(Tuples(query_ids(task)), batch_size=32, shuffle=False)
     return train, test
 
 
@@ -164,7 +167,7 @@ def grad_dot_scores(task: Task) -> Tensor:
         dattri_task(task, [checkpoint(task, task.recipe.steps)]), weight_list=torch.ones(1),
         normalized_grad=False, projector_kwargs={"device": dev}, device=dev,
     )  # fmt: skip
-    return attributor.attribute(*dattri_loaders(task)).mean(1)
+    return attributor.attribute(*dattri_loaders(task, train_batch=128)).mean(1)
 
 
 def tracin_scores(task: Task) -> Tensor:
@@ -178,7 +181,7 @@ def tracin_scores(task: Task) -> Tensor:
         dattri_task(task, ckpts), weight_list=torch.full((len(ckpts),), task.recipe.lr),
         normalized_grad=False, projector_kwargs={"device": dev}, device=dev,
     )  # fmt: skip
-    return attributor.attribute(*dattri_loaders(task)).mean(1)
+    return attributor.attribute(*dattri_loaders(task, train_batch=128)).mean(1)
 
 
 def datainf_scores(task: Task) -> Tensor:

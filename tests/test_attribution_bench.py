@@ -5,6 +5,7 @@ bench-only libraries (kronfluence, traker, dattri) are not needed here.
 """
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,9 +76,58 @@ def test_evaluate_and_random_baseline_on_an_additive_truth():
     assert row["topk_gain"]["drop_harmful_2"] == pytest.approx(4.0)  # drop −3 and −1
     assert row["topk_gain"]["keep_helpful_2"] == pytest.approx(3.0 - full)  # 2 + 1 alone
     assert len(calls) == 2 * 6 + 2
-    flat = bench.random_baseline(lambda keep: {"t": float(len(keep))}, "t", 10, 10.0, cfg)
-    assert flat["topk_gain"] == {"drop_harmful_2": -2.0, "keep_helpful_2": -8.0}
-    assert flat["topk_gain_std"] == {"drop_harmful_2": 0.0, "keep_helpful_2": 0.0}
+
+
+def test_mean_std_by_hand():
+    rows = [
+        {"lds_50": 0.1, "topk_gain": {"a": 1.0}},
+        {"lds_50": 0.3, "topk_gain": {"a": 3.0}},
+        {"lds_50": 0.2, "topk_gain": {"a": 5.0}},
+    ]
+    out = bench.mean_std(rows)
+    assert out["lds_50"] == pytest.approx(0.2) and out["lds_50_std"] == pytest.approx(0.1)  # √(0.02/2)
+    assert out["topk_gain"]["a"] == pytest.approx(3.0) and out["topk_gain_std"]["a"] == pytest.approx(2.0)
+    one = bench.mean_std(rows[:1])
+    assert one["lds_50"] == pytest.approx(0.1) and one["lds_50_std"] == 0.0
+
+
+def test_random_method_against_a_plain_python_reference():
+    # Φ(S) = Σ_{i∈S} v_i with v = ±2^i: distinct subsets never tie, nor do normal scores, so
+    # Spearman is 1 − 6·Σd²/(n(n²−1)) with ranks from sorted(); top-k from sorted() too.
+    v = [1.0, -2.0, 4.0, -8.0, 16.0, -32.0, 64.0, -128.0]
+    vt = torch.tensor(v, dtype=torch.float64)
+
+    def retrain(keep):
+        return {"t": float(vt[keep].sum())}
+
+    cfg = bench.BenchConfig(subsets=6, fractions=[0.5], ks=[2], random_seeds=3, seed=1)
+    truth = bench.ground_truth(retrain, len(v), cfg)
+    assert len({tuple(x.tolist()) for x in truth[0.5][0]}) == 6  # no repeated subset (it would tie)
+    full = sum(v)
+    out = bench.random_baseline(retrain, "t", truth, full, len(v), cfg)
+
+    def rank(xs):
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        return {i: r for r, i in enumerate(order)}
+
+    lds, drop, keep = [], [], []
+    for s in range(3):
+        r = bench.random_scores(len(v), 1500 + s).tolist()  # seed·1000 + 500 + s
+        subsets = [x.tolist() for x in truth[0.5][0]]
+        pred = rank([sum(r[i] for i in sub) for sub in subsets])
+        act = rank([sum(v[i] for i in sub) for sub in subsets])
+        n = len(subsets)
+        lds.append(1 - 6 * sum((pred[j] - act[j]) ** 2 for j in range(n)) / (n * (n * n - 1)))
+        order = sorted(range(len(v)), key=lambda i: r[i])
+        drop.append(-(v[order[0]] + v[order[1]]))
+        keep.append(v[order[-1]] + v[order[-2]] - full)
+    assert out["lds_50"] == pytest.approx(statistics.mean(lds)) and out["lds_50_std"] == pytest.approx(statistics.stdev(lds))
+    assert out["topk_gain"]["drop_harmful_2"] == pytest.approx(statistics.mean(drop))
+    assert out["topk_gain_std"]["drop_harmful_2"] == pytest.approx(statistics.stdev(drop))
+    assert out["topk_gain"]["keep_helpful_2"] == pytest.approx(statistics.mean(keep))
+    assert out["topk_gain_std"]["keep_helpful_2"] == pytest.approx(statistics.stdev(keep))
+    assert torch.equal(bench.random_scores(8, 3), bench.random_scores(8, 3))
+    assert not torch.equal(bench.random_scores(8, 3), bench.random_scores(8, 4))
 
 
 def test_retrain_is_one_sgd_step_on_the_kept_examples():
@@ -117,3 +167,11 @@ def test_pool_is_mixed_and_disjoint():
     assert {k: kinds.count(k) for k in set(kinds)} == {"en": 6, "de": 4, "es": 2, "shuffled-en": 2, "shuffled-de": 2}
     assert not set(heldout) & set(texts) and not set(pretrain) & set(texts)
     assert all(len(t.encode()) >= cfg.seq_len for t in texts + heldout + pretrain)
+
+
+def test_inner_sgd_sets_the_recipe():
+    small = dict(pool=16, heldout=4, pretrain_steps=1, pretrain_batch=4, tasks=["german"])
+    (task,) = bench.build_tasks(bench.BenchConfig(**small, inner="sgd", sgd_lr=0.05))
+    assert (task.recipe.optimizer, task.recipe.lr, task.recipe.steps) == ("sgd", 0.05, 4)
+    with pytest.raises(SystemExit, match="inner must be adamw or sgd"):
+        bench.build_tasks(bench.BenchConfig(**small, inner="adam"))
