@@ -373,14 +373,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def lds_table(runs: dict[str, dict]) -> str:
+    """LDS 50 % / 90 % of several runs (rows: run, its inner optimizer and lr, seed, task;
+    columns: the methods any run has, "—" where a run lacks one)."""
+    present = {m for r in runs.values() for t in r["tasks"].values() for m in t["methods"]}
+    names = [m for m in (*METHODS, "random") if m in present]
+    lines = ["| run | inner, lr | seed | task | " + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]
+    for label, run in runs.items():
+        c = run["config"]
+        inner = f"{c['inner']} {c['lr'] if c['inner'] == 'adamw' else c['sgd_lr']:g}"
+        for task, res in run["tasks"].items():
+            cells = [
+                f"{row['lds_50']:.2f} / {row['lds_90']:.2f}" if (row := res["methods"].get(m)) else "—"
+                for m in names
+            ]  # fmt: skip
+            lines.append(f"| {label} | {inner} | {c['seed']} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/attribution.json")
     ap.add_argument("--table", metavar="JSON", help="only print the table of a finished run's JSON")
+    ap.add_argument("--lds", metavar="JSON", nargs="+", help="only print the LDS of several finished runs, side by side")
     ap.add_argument("overrides", nargs="*", help="BenchConfig fields, e.g. pool=128 subsets=16")
     args = ap.parse_args(argv)
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
+        return
+    if args.lds:
+        print(lds_table({Path(p).stem: json.loads(Path(p).read_text()) for p in args.lds}))
         return
     cfg = load_config(BenchConfig, None, args.overrides)
     torch.manual_seed(cfg.seed)

@@ -175,3 +175,17 @@ def test_inner_sgd_sets_the_recipe():
     assert (task.recipe.optimizer, task.recipe.lr, task.recipe.steps) == ("sgd", 0.05, 4)
     with pytest.raises(SystemExit, match="inner must be adamw or sgd"):
         bench.build_tasks(bench.BenchConfig(**small, inner="adam"))
+
+
+def test_lds_table_by_hand():
+    def run(inner, seed, methods):
+        rows = {m: {"lds_50": a, "lds_90": b} for m, (a, b) in methods.items()}
+        return {"config": {"inner": inner, "lr": 3e-3, "sgd_lr": 0.01, "seed": seed}, "tasks": {"german": {"methods": rows}}}
+
+    text = bench.lds_table({
+        "a": run("adamw", 0, {"random": (0.01, -0.02), "dpg": (0.413, 0.817)}),
+        "b": run("sgd", 1, {"dpg": (0.992, 0.995), "trak": (0.2, 0.4)}),
+    })  # fmt: skip
+    assert text.splitlines()[0] == "| run | inner, lr | seed | task | dpg | trak | random |"
+    assert text.splitlines()[2] == "| a | adamw 0.003 | 0 | german | 0.41 / 0.82 | — | 0.01 / -0.02 |"
+    assert text.splitlines()[3] == "| b | sgd 0.01 | 1 | german | 0.99 / 0.99 | 0.20 / 0.40 | — |"
