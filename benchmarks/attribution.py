@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/attribution.json")
     ap.add_argument("--table", metavar="JSON", help="only print the table of a finished run's JSON")
-    ap.add_argument("--lds", metavar="JSON", nargs="+", help="only print the LDS of several finished runs, side by side")
+    ap.add_argument("--lds", metavar="JSON", nargs="+", help="only print several finished runs' LDS side by side")
     ap.add_argument("overrides", nargs="*", help="BenchConfig fields, e.g. pool=128 subsets=16")
     args = ap.parse_args(argv)
     if args.table:

@@ -121,7 +121,8 @@ def test_random_method_against_a_plain_python_reference():
         order = sorted(range(len(v)), key=lambda i: r[i])
         drop.append(-(v[order[0]] + v[order[1]]))
         keep.append(v[order[-1]] + v[order[-2]] - full)
-    assert out["lds_50"] == pytest.approx(statistics.mean(lds)) and out["lds_50_std"] == pytest.approx(statistics.stdev(lds))
+    assert out["lds_50"] == pytest.approx(statistics.mean(lds))
+    assert out["lds_50_std"] == pytest.approx(statistics.stdev(lds))
     assert out["topk_gain"]["drop_harmful_2"] == pytest.approx(statistics.mean(drop))
     assert out["topk_gain_std"]["drop_harmful_2"] == pytest.approx(statistics.stdev(drop))
     assert out["topk_gain"]["keep_helpful_2"] == pytest.approx(statistics.mean(keep))
@@ -180,7 +181,8 @@ def test_inner_sgd_sets_the_recipe():
 def test_lds_table_by_hand():
     def run(inner, seed, methods):
         rows = {m: {"lds_50": a, "lds_90": b} for m, (a, b) in methods.items()}
-        return {"config": {"inner": inner, "lr": 3e-3, "sgd_lr": 0.01, "seed": seed}, "tasks": {"german": {"methods": rows}}}
+        config = {"inner": inner, "lr": 3e-3, "sgd_lr": 0.01, "seed": seed}
+        return {"config": config, "tasks": {"german": {"methods": rows}}}
 
     text = bench.lds_table({
         "a": run("adamw", 0, {"random": (0.01, -0.02), "dpg": (0.413, 0.817)}),
