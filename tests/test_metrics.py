@@ -18,6 +18,7 @@ from dpg.metrics import (
     head_param_name,
     image_pattern,
     l2_metric,
+    LMLossMetric,
     lm_loss_metric,
     pattern_metric,
     qr_pattern,
@@ -286,6 +287,32 @@ def test_lm_loss_pools_tokens_over_texts_and_follows_params():
     # The model was not modified.
     for k, v in model.named_parameters():
         assert torch.equal(v, params[k].detach())
+
+
+def test_lm_loss_in_chunks_equals_one_pass_value_and_gradient():
+    """Texts go through in chunks, each recomputed in backward: Φ and ∇Φ equal one pass over all
+    texts (an independent formula: HF's own forward on the whole batch), with dropout on in the
+    caller's model (the recomputation must run in eval mode too)."""
+    model, tok = tiny_model("gpt2", True), tiny_tokenizer()
+    texts = ["the cat sat", "a big red dog ran on the blue rug and sat", "dog", "red mat", "the dog and the cat",
+             "a rug", "big blue sky and a red sun"]  # fmt: skip
+    metric = LMLossMetric(model, lm_loss_metric(model, tok, texts).examples, chunk=3)  # chunks of 3, 3, 1
+    model.train()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in all_params(model).items()}
+    ids, attn, labels = metric.examples
+    other = copy.deepcopy(model).eval()
+    ref_params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    logits = torch.func.functional_call(other, ref_params, (ids,), {"attention_mask": attn}).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    mask = labels[:, 1:].flatten()
+    ref = -(ce[mask].sum() / mask.sum())
+    phi = metric(params)
+    assert phi.item() == pytest.approx(ref.item(), rel=1e-13)
+    got = torch.autograd.grad(phi, list(params.values()))
+    want = torch.autograd.grad(ref, list(ref_params.values()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-14)
+    assert model.training
 
 
 def test_lm_loss_params_in_another_dtype():

@@ -14,6 +14,7 @@ figures. The metrics of the paper:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from dpg.data import encode_texts, read_texts
 from dpg.errors import DpgError
@@ -175,34 +177,89 @@ def l2_metric(model: nn.Module) -> L2Metric:
     return L2Metric(head_param_name(model))
 
 
+def _kernels_as_now() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Checkpoint contexts: the recomputation in backward uses the attention kernels and the fp32
+    matmul precision of the forward pass, even when backward runs outside the caller's
+    `sdpa_kernel(...)` or `tf32_matmuls()` block — another kernel would recompute different values."""
+    flags = [f() for f in _SDPA_FLAGS]
+    precision = torch.get_float32_matmul_precision()
+
+    @contextlib.contextmanager
+    def as_in_forward():
+        before = [f() for f in _SDPA_FLAGS], torch.get_float32_matmul_precision()
+        _set_kernels(flags, precision)
+        try:
+            yield
+        finally:
+            _set_kernels(*before)
+
+    return contextlib.nullcontext(), as_in_forward()
+
+
+_SDPA_FLAGS = {  # scaled-dot-product-attention backends (global switches, CPU and CUDA alike): getter: setter
+    torch.backends.cuda.flash_sdp_enabled: torch.backends.cuda.enable_flash_sdp,
+    torch.backends.cuda.mem_efficient_sdp_enabled: torch.backends.cuda.enable_mem_efficient_sdp,
+    torch.backends.cuda.math_sdp_enabled: torch.backends.cuda.enable_math_sdp,
+    torch.backends.cuda.cudnn_sdp_enabled: torch.backends.cuda.enable_cudnn_sdp,
+}
+
+
+def _set_kernels(flags: list[bool], precision: str) -> None:
+    for setter, on in zip(_SDPA_FLAGS.values(), flags):
+        setter(on)
+    torch.set_float32_matmul_precision(precision)
+
+
 @dataclass(frozen=True, eq=False)
 class LMLossMetric:
-    """Φ = −(Σ token cross-entropy / number of label tokens) over fixed texts."""
+    """Φ = −(Σ token cross-entropy / number of label tokens) over fixed texts.
+
+    The texts go through the model `chunk` at a time, each chunk under activation
+    checkpointing when a gradient is wanted: the (tokens × vocabulary) logits of all texts at
+    once would be 256 × 128 × 49,152 floats (6.4 GB, three times that with softmax and
+    gradient) for a SmolLM2 target and the paper's 256 held-out texts. Backward recomputes
+    one chunk at a time, so memory is one chunk's whatever the number of texts."""
 
     model: nn.Module = field(repr=False)  # run by functional_call with the given params; never modified
     examples: Examples = field(repr=False)  # the texts, tokenized once, on CPU
+    chunk: int = 16  # texts per forward pass (and per recomputation in backward)
 
     def loss(self, params: Params) -> Tensor:
         first = next(iter(params.values()))
         device, dtype = first.device, first.dtype
-        ids, attn, labels = (x.to(device) for x in self.examples)
         # Buffers (e.g. RoPE frequencies) follow the params, as `model.to(device, dtype)` would
         # move them: the engine's params may live on another device or dtype than `model`.
         buffers = {
             n: b.to(device, dtype) if b.is_floating_point() else b.to(device) for n, b in self.model.named_buffers()
         }
+        weights = {**buffers, **params}
+        total = self.examples.attention_mask.new_zeros(())
+        parts = []
+        for lo in range(0, len(self.examples.input_ids), self.chunk):
+            ids, attn, labels = (x[lo : lo + self.chunk].to(device) for x in self.examples)
+            total = total + labels[:, 1:].sum().cpu()
+            if torch.is_grad_enabled():
+                parts.append(
+                    checkpoint(
+                        self._ce_sum, weights, ids, attn, labels, use_reentrant=False, context_fn=_kernels_as_now
+                    )
+                )
+            else:
+                parts.append(self._ce_sum(weights, ids, attn, labels))
+        return torch.stack(parts).sum() / total.to(device)
+
+    def _ce_sum(self, weights: Params, ids: Tensor, attn: Tensor, labels: Tensor) -> Tensor:
+        """Σ cross-entropy over one chunk's label tokens (run again in backward: no side effects)."""
         was_training = self.model.training
-        self.model.eval()  # dropout off: Φ must be a deterministic function of the params
+        self.model.eval()  # dropout off, here and in the recomputation: Φ is a function of the params
         try:
-            out = functional_call(
-                self.model, {**buffers, **params}, (), {"input_ids": ids, "attention_mask": attn, "use_cache": False}
-            )
+            inputs = {"input_ids": ids, "attention_mask": attn, "use_cache": False}
+            out = functional_call(self.model, weights, (), inputs)
         finally:
             self.model.train(was_training)
-        logits = out.logits[:, :-1]  # (N, T-1, V): position t predicts token t+1
+        logits = out.logits[:, :-1]  # (n, T-1, V): position t predicts token t+1
         ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        mask = labels[:, 1:].flatten()
-        return ce[mask].sum() / mask.sum()
+        return ce[labels[:, 1:].flatten()].sum()
 
     def __call__(self, params: Params) -> Tensor:
         return -self.loss(params)

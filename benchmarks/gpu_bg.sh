@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A job longer than one device call (10 min), run across calls made back to back on the warm
+# machine: `start` launches it detached, in its own session, so it outlives the call that
+# started it; `wait` follows it for up to SECONDS (or until it ends), prints the log's tail
+# and copies the named files into $OUT, so every call brings back what the job has so far.
+#   bash benchmarks/gpu_bg.sh start 'SETUP=0 BUDGET_S=1800 PIECE_MIN=28 bash benchmarks/gpu_demo.sh german'
+#   bash benchmarks/gpu_bg.sh wait 560 runs/paper/german*.log
+# Only one job at a time: its pid is in /tmp/dpg_bg.pid, its output in /tmp/dpg_bg.log.
+set -uo pipefail
+pidfile=/tmp/dpg_bg.pid log=/tmp/dpg_bg.log
+case "${1:-}" in
+  start)
+    shift
+    if [ -f $pidfile ] && kill -0 "$(cat $pidfile)" 2>/dev/null; then echo "a job is running: $(cat $pidfile)"; exit 1; fi
+    nohup setsid bash -c "$*" > $log 2>&1 < /dev/null &
+    echo $! > $pidfile; echo "started $(cat $pidfile): $*" ;;
+  wait)
+    shift; limit=${1:?usage: gpu_bg.sh wait SECONDS [FILE ...]}; shift
+    end=$((SECONDS + limit))
+    while [ $SECONDS -lt $end ] && kill -0 "$(cat $pidfile 2>/dev/null)" 2>/dev/null; do sleep 5; done
+    kill -0 "$(cat $pidfile 2>/dev/null)" 2>/dev/null && echo "== running" || echo "== ended"
+    grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" $log | tr '\r' '\n' | grep -v "it/s\]$" | tail -15
+    mkdir -p "${OUT:-/tmp/out}"; cp $log "${OUT:-/tmp/out}/" 2>/dev/null
+    for f in "$@"; do [ -f "$f" ] && cp --parents "$f" "${OUT:-/tmp/out}/"; done; true ;;
+  *) echo "usage: gpu_bg.sh start 'COMMAND' | wait SECONDS [FILE ...]"; exit 2 ;;
+esac
