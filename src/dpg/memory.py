@@ -40,6 +40,7 @@ class ModelShape(NamedTuple):
     layers: int  # transformer blocks
     intermediate: int  # width of the MLP
     heads: int  # attention heads
+    scores: bool = True  # attention keeps its (heads × length²) scores for backward (eager); SDPA and flash do not
 
 
 class Estimate(NamedTuple):
@@ -76,6 +77,7 @@ def model_shape(model) -> ModelShape:
         layers=get("num_hidden_layers", "n_layer", "num_layers"),
         intermediate=get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
         heads=get("num_attention_heads", "n_head", default=1),
+        scores=getattr(config, "_attn_implementation", None) in (None, "eager"),
     )
 
 
@@ -86,13 +88,19 @@ def engine_copies(steps: int, optimizer: str) -> int:
     return 3 if steps == 1 else 4 * steps + 3
 
 
-def activation_bytes(shape: ModelShape, sequences: int, length: int, nbytes: int, second_order: bool) -> int:
+def activation_bytes(
+    shape: ModelShape, sequences: int, length: int, nbytes: int, second_order: bool, head_length: int | None = None
+) -> int:
     """One microbatch's activations: the trunk's saved tensors and the head's (tokens × V)
-    logits, softmax and gradients; second-order passes (M > 1) keep primal and tangent."""
+    logits, softmax and gradients (over the last `head_length` positions of each sequence
+    when only those are scored, as in TRL's policy update); second-order passes (M > 1) keep
+    primal and tangent."""
     tokens = sequences * length
-    per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate) + 2 * sequences * shape.heads * length * length
+    per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate)
+    if shape.scores:  # eager attention materialises softmax(QKᵀ) per head; SDPA / flash kernels never do
+        per_layer += 2 * sequences * shape.heads * length * length
     trunk = shape.layers * per_layer * nbytes
-    head = 4 * tokens * shape.vocab * nbytes
+    head = 4 * sequences * (head_length or length) * shape.vocab * nbytes
     if second_order:
         trunk *= 3
         head = max(head, 4 * min(tokens, 4096) * shape.vocab * nbytes)  # HeadTangent's chunks of 4096 tokens
@@ -142,10 +150,13 @@ def estimate_attribute(shape: ModelShape, *, examples: int, length: int, steps: 
 
 def estimate_train(target: ModelShape, generator: ModelShape, *, examples: int, length: int, steps: int,
                    optimizer: str, microbatch: int | None, nbytes: int, sequences: int, sequence_length: int,
-                   reference: bool, device: torch.device, offload: str = "cpu") -> Estimate:  # fmt: skip
+                   reference: bool, device: torch.device, offload: str = "cpu", completion_length: int | None = None,
+                   update_bytes: int = 4) -> Estimate:  # fmt: skip
     """dpg train: the target and one inner run of `examples` completions (metagrad reward),
-    and the GRPO side in fp32 — generator weights, gradient and AdamW's two moments, a KL
-    reference model, and one update's activations (`sequences` of `sequence_length`)."""
+    and the GRPO side — generator weights, gradient and AdamW's two moments in fp32, a KL
+    reference model, and one update's activations (`sequences` of `sequence_length`, the
+    trunk's in `update_bytes` — 2 under bf16 autocast — and the head's logits over the
+    `completion_length` positions TRL scores, in fp32)."""
     parts = {"runtime": RUNTIME if device.type == "cpu" else 0, "target (fp32)": target.params * 4}
     engine = {}
     if examples:  # metagrad / naive rewards: one inner run at a time
@@ -154,7 +165,9 @@ def estimate_train(target: ModelShape, generator: ModelShape, *, examples: int, 
                               host_store=device.type == "cuda" and offload != "device")  # fmt: skip
     parts |= {f"inner run: {k}": v for k, v in engine.items()}
     parts["generator + AdamW"] = generator.params * 4 * (4 + int(reference))
-    parts["generator activations"] = activation_bytes(generator, sequences, sequence_length, 4, second_order=False)
+    trunk = activation_bytes(generator._replace(vocab=0), sequences, sequence_length, update_bytes, second_order=False)
+    head = activation_bytes(generator._replace(layers=0), sequences, sequence_length, 4, False, completion_length)
+    parts["generator activations"] = trunk + head
     return Estimate(parts, str(device))
 
 
@@ -177,6 +190,8 @@ def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: 
         nbytes=8 if cfg.dtype == "float64" else 4,
         sequences=g.prompts_per_step * g.num_generations // g.updates_per_step,
         sequence_length=prompt_tokens + g.max_completion_length, reference=g.beta > 0, device=device,
+        completion_length=g.max_completion_length,
+        update_bytes=2 if g.precision == "bf16" or (g.precision == "auto" and device.type == "cuda") else 4,
     )  # fmt: skip
 
 

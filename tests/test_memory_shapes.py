@@ -1,0 +1,37 @@
+"""dpg.memory's activation count for the attention kernel in use and for a policy update
+that scores only the completion's positions (hand-worked numbers)."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dpg import memory
+
+SHAPE = dict(params=1000, trainable=1000, vocab=50, hidden=8, layers=1, intermediate=16, heads=2)
+
+
+def test_activation_bytes_by_hand():
+    # 2 sequences × 10 tokens, 1 layer: trunk 20 tokens × (12·8 + 4·16 = 160) floats × 4 bytes = 12,800;
+    # eager scores 2 sequences × 2 heads × 10² × 2 (scores and softmax) × 4 bytes = 3,200;
+    # head 4 × tokens × 50 × 4 bytes: 16,000 over all 20 tokens, 4,800 over the last 3 of each sequence.
+    eager, sdpa = memory.ModelShape(**SHAPE, scores=True), memory.ModelShape(**SHAPE, scores=False)
+    assert memory.activation_bytes(eager, 2, 10, 4, second_order=False) == 12_800 + 3_200 + 16_000
+    assert memory.activation_bytes(sdpa, 2, 10, 4, second_order=False) == 12_800 + 16_000
+    assert memory.activation_bytes(sdpa, 2, 10, 4, False, head_length=3) == 12_800 + 4_800
+
+
+def test_model_shape_reads_the_attention_kernel():
+    config = dict(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    for kernel, scores in (("eager", True), ("sdpa", False)):
+        model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation=kernel))
+        assert memory.model_shape(model).scores is scores
+
+
+def test_train_estimate_update_in_bf16_and_completion_logits():
+    """The policy update's trunk in 2 bytes under bf16 autocast, its logits over the completion only."""
+    g = memory.ModelShape(**SHAPE, scores=False)
+    kw = dict(examples=0, length=8, steps=1, optimizer="adamw", microbatch=None, nbytes=4, sequences=2,
+              sequence_length=10, reference=False, device=torch.device("cpu"))  # fmt: skip
+    full = memory.estimate_train(g, g, **kw).parts["generator activations"]
+    lean = memory.estimate_train(g, g, **kw, completion_length=3, update_bytes=2).parts["generator activations"]
+    assert full == 12_800 + 16_000
+    assert lean == 6_400 + 4_800
