@@ -33,7 +33,8 @@ for run in "${runs[@]}"; do
   [ "$run" = naive ] && over="$over reward.cross_group_batching=false"
   (
     if [ ! -d "runs/paper/$name/generator" ]; then python3 -m dpg.cli train "$cfg" $over || exit; fi
-    if [ -d "runs/paper/$name/generator" ] && [ ! -f "runs/paper/$name/evaluate.json" ]; then
+    # PARTIAL=1: also check an unfinished run (dpg evaluate then takes its latest checkpoint)
+    if { [ -d "runs/paper/$name/generator" ] || [ "${PARTIAL:-0}" = 1 ]; } && [ ! -f "runs/paper/$name/evaluate.json" ]; then
       python3 -m dpg.cli evaluate "$cfg" $over
     fi
   ) >>"runs/paper/$name.log" 2>&1 &

@@ -218,6 +218,15 @@ def test_time_limit_stops_after_a_step_with_a_checkpoint_and_the_same_command_re
     assert "stopped after step 1/3: time_limit of 1e-09 minutes; the same command resumes" in capsys.readouterr().out
     assert (tmp_path / "checkpoint-1" / SEAL).is_file() and not (tmp_path / "generator").exists()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    # dpg evaluate on the unfinished run checks its latest sealed checkpoint, named for its step.
+    capsys.readouterr()
+    results = run_evaluate(tiny(tmp_path, "grpo.steps=3", "evaluate.samples=4"))
+    assert [r.generator for r in results] == ["base", "checkpoint-1"]
+    assert "evaluating its latest checkpoint, checkpoint-1" in capsys.readouterr().out
+    spec = f"evaluate.generators=[{tmp_path / 'checkpoint-1'}]"
+    explicit = run_evaluate(tiny(tmp_path / "x", "evaluate.samples=4", spec))
+    assert results[1].samples == explicit[1].samples and results[1].metric == explicit[1].metric
+    assert results[1].samples != results[0].samples  # the checkpoint is not the base generator
     final = run_train(tiny(tmp_path, "grpo.steps=3", "grpo.save_every=0"))
     assert "resuming from" in capsys.readouterr().out and final == tmp_path / "generator" and final.is_dir()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -28,6 +28,7 @@ from dpg.metrics import build_metric
 from dpg.models import ModelConfig, load
 from dpg.report import results_table, save_pattern
 from dpg.runtime import resolve_device, resolve_dtype
+from dpg.safety import last_complete_checkpoint
 from dpg.sampling import cycle_prompts, read_samples, sample_completions, write_samples
 
 
@@ -116,6 +117,12 @@ def generators_to_compare(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
     trained = Path(cfg.output_dir) / "generator"
     if trained.is_dir():
         out.append(("trained", ModelConfig(model=str(trained))))
+    elif Path(cfg.output_dir).is_dir() and (last := last_complete_checkpoint(Path(cfg.output_dir))) is not None:
+        # A run stopped early (time_limit, a lost machine): its latest sealed checkpoint is the
+        # generator it has so far, named for its step so no one takes it for the finished run.
+        print(f"note: {cfg.output_dir} has no finished run (no generator/): evaluating its latest checkpoint, "
+              f"{last.name}")  # fmt: skip
+        out.append((last.name, ModelConfig(model=str(last))))
     out += [(spec, ModelConfig(model=spec)) for spec in cfg.evaluate.generators]
     return out
 
