@@ -214,6 +214,7 @@ class InnerRunReward:
                 hvp_microbatch_size=self.hvp_microbatch_size,
             )  # fmt: skip
         row = {"phi": res.metric, "phi_before": res.metric_before, "engine_seconds": res.timings["total"]}
+        row |= {f"engine/{k}": v for k, v in res.timings.items() if k != "total"}  # where the reward's time goes
         return res.scores, row | {f"proxy/{k}": v for k, v in res.proxy.items()}
 
     def _naive(self, examples: Examples, group: dist.ProcessGroup | None) -> tuple[Tensor, dict[str, float]]:
