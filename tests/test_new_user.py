@@ -310,7 +310,10 @@ def test_grpo_config_raises_no_deprecation_warning(tmp_path):
         warnings.simplefilter("always")
         args = grpo_config(tiny_train(tmp_path), torch.device("cpu"), byte_tokenizer())
     assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
-    assert args.gradient_checkpointing  # TRL's default, kept
+    assert args.gradient_checkpointing is False  # grpo.gradient_checkpointing's default (TRL's own is True)
+    assert getattr(args, "activation_checkpointing", False) is False  # the name transformers 5 reads
+    on = grpo_config(tiny_train(tmp_path, "grpo.gradient_checkpointing=true"), torch.device("cpu"), byte_tokenizer())
+    assert on.gradient_checkpointing is True and getattr(on, "activation_checkpointing", True) is True
 
 
 def test_train_too_big_for_the_machine_is_refused_before_compute(tmp_path, no_training, monkeypatch):

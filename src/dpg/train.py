@@ -102,7 +102,6 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
     bf16 = g.precision == "bf16" or (g.precision == "auto" and device.type == "cuda")
     kwargs = dict(
         output_dir=cfg.output_dir, seed=cfg.seed, use_cpu=device.type == "cpu", bf16=bf16, fp16=False,
-        gradient_checkpointing=g.gradient_checkpointing,
         learning_rate=g.learning_rate, lr_scheduler_type=g.lr_schedule, max_steps=g.steps * per_step,
         per_device_train_batch_size=batch // (g.updates_per_step * world), steps_per_generation=g.updates_per_step,
         num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_completion_length,
@@ -111,10 +110,12 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
         save_strategy="steps" if g.save_every else "no", save_steps=max(g.save_every, 1) * per_step,
         generation_kwargs={"suppress_tokens": ascii_only(generator_tok)} if g.allowed_tokens == "ascii" else None,
     )  # fmt: skip
-    if "activation_checkpointing" in {f.name for f in dataclasses.fields(GRPOConfig)}:
-        # TRL's default gradient_checkpointing=True, under the name transformers now calls
-        # deprecated: the same setting, without a FutureWarning at every start.
-        kwargs["activation_checkpointing"] = True
+    # grpo.gradient_checkpointing (dpg's default: off; TRL's: on), under the name this transformers
+    # reads: from 5.x `activation_checkpointing`, which wins over the deprecated old name when set.
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = (
+        g.gradient_checkpointing
+    )
     kwargs |= g.extra
     try:
         return GRPOConfig(**kwargs)
