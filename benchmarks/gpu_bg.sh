@@ -21,6 +21,7 @@ case "${1:-}" in
     kill -0 "$(cat $pidfile 2>/dev/null)" 2>/dev/null && echo "== running" || echo "== ended"
     grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" $log | tr '\r' '\n' | grep -v "it/s\]$" | tail -15
     mkdir -p "${OUT:-/tmp/out}"; cp $log "${OUT:-/tmp/out}/" 2>/dev/null
-    for f in "$@"; do [ -f "$f" ] && cp --parents "$f" "${OUT:-/tmp/out}/"; done; true ;;
+    # flat names (a/b/c.jsonl -> a_b_c.jsonl): the device tool leaves out folders nested deeper than two
+    for f in "$@"; do [ -f "$f" ] && cp "$f" "${OUT:-/tmp/out}/$(echo "$f" | tr / _)"; done; true ;;
   *) echo "usage: gpu_bg.sh start 'COMMAND' | wait SECONDS [FILE ...]"; exit 2 ;;
 esac
