@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import _get_current_function_mode_stack  # torch's checkpoint reads it too
+from torch.utils._device import DeviceContext
 from torch.utils.checkpoint import checkpoint
 
 from dpg.data import encode_texts, read_texts
@@ -178,18 +180,26 @@ def l2_metric(model: nn.Module) -> L2Metric:
 
 
 def _kernels_as_now() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """Checkpoint contexts: the recomputation in backward uses the attention kernels and the fp32
-    matmul precision of the forward pass, even when backward runs outside the caller's
-    `sdpa_kernel(...)` or `tf32_matmuls()` block — another kernel would recompute different values."""
+    """Checkpoint contexts: the recomputation in backward runs as the forward pass did — the same
+    attention kernels, fp32 matmul precision and torch function modes (`float64_everywhere`) —
+    even when backward runs outside the caller's `sdpa_kernel(...)`, `tf32_matmuls()` or mode
+    block: anything else would recompute different values (torch checks dtypes and shapes)."""
     flags = [f() for f in _SDPA_FLAGS]
     precision = torch.get_float32_matmul_precision()
+    # torch's own checkpoint re-enters the forward's DeviceContext; every other mode is ours to restore.
+    modes = [m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
 
     @contextlib.contextmanager
     def as_in_forward():
         before = [f() for f in _SDPA_FLAGS], torch.get_float32_matmul_precision()
         _set_kernels(flags, precision)
         try:
-            yield
+            with contextlib.ExitStack() as stack:
+                active = {id(m) for m in _get_current_function_mode_stack()}
+                for mode in modes:
+                    if id(mode) not in active:
+                        stack.enter_context(mode)
+                yield
         finally:
             _set_kernels(*before)
 
