@@ -180,9 +180,18 @@ def test_a_misspelled_preset_fails_at_once_with_a_suggestion():
 
 
 def test_a_possible_hub_id_offline_searches_only_the_cache(monkeypatch):
+    import socket
+
     from dpg.models import load_model
 
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the network was asked for {args[:1]}")
+
+    # Set after huggingface_hub read its constants, as when the hub is merely unreachable: every
+    # lookup must still stay local (transformers' PEFT-adapter lookup retried the hub for minutes).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     with pytest.raises(DpgError, match="only the local cache was searched.*Presets: tiny-gpt2"):
         load_model("dpg-test/no-such-model-xyz")
 

@@ -374,10 +374,14 @@ def _load_pretrained(
         print(f"dpg: de-quantizing {path.name} to dense {str(dtype).removeprefix('torch.')} weights", file=sys.stderr)
     else:
         where, kwargs = str(path) if path.exists() else spec, {}
+    offline = {}
     if local_files_only:
         kwargs["local_files_only"] = True
+        # transformers 5.24 does not pass local_files_only on to its PEFT-adapter lookup, which
+        # then retries the hub for minutes (HEAD adapter_config.json, 5 retries with backoff).
+        offline = {"adapter_kwargs": {"local_files_only": True}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **_dense(kwargs))
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **_dense(kwargs), **offline)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, NotImplementedError) as e:
         if path.exists():
