@@ -11,6 +11,9 @@ The estimate counts what the engine holds at its peak (metagrad/engine.py):
   - parameter copies: M = 1 AdamW holds g, θ_1 and then λ = ∇Φ and γ (3 copies at most;
     the first step's moments are recomputed from g); M > 1 keeps θ_{t−1}, g_t, m_t, v_t of
     every step for the reverse sweep (4M − 3) plus about 6 working copies;
+  - the optimizer's elementwise temporaries: it works in flat chunks of at most 2M elements
+    (optim.CHUNK), and its adjoint holds up to ~10 chunk-sized temporaries at once — 160 MB
+    in fp64, whatever the model's size, which on a small model is more than its copies;
   - activations of one microbatch: the trunk's saved activations and the (tokens ×
     vocabulary) logits, the softmax and their gradient — with a 262k-token vocabulary
     these dominate as soon as a microbatch holds a few thousand tokens;
@@ -27,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from dpg.errors import DpgError
+from dpg.metagrad.optim import CHUNK
 
 GB = 2**30
 RUNTIME = int(0.6 * GB)  # Python, torch, transformers and tokenizers once imported (measured ~0.5 GB)
@@ -41,6 +45,7 @@ class ModelShape(NamedTuple):
     intermediate: int  # width of the MLP
     heads: int  # attention heads
     scores: bool = True  # attention keeps its (heads × length²) scores for backward (eager); SDPA and flash do not
+    largest: int = 0  # elements of the largest trainable parameter (0: unknown, taken as all trainable)
 
 
 class Estimate(NamedTuple):
@@ -78,6 +83,7 @@ def model_shape(model) -> ModelShape:
         intermediate=get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
         heads=get("num_attention_heads", "n_head", default=1),
         scores=getattr(config, "_attn_implementation", None) in (None, "eager"),
+        largest=max((p.numel() for p in unique if p.requires_grad), default=0),
     )
 
 
@@ -86,6 +92,16 @@ def engine_copies(steps: int, optimizer: str) -> int:
     if optimizer == "sgd":
         return 2 if steps == 1 else steps + 4
     return 3 if steps == 1 else 4 * steps + 3
+
+
+def chunk_temporaries(steps: int, optimizer: str) -> int:
+    """Chunk-sized temporaries of the optimizer's elementwise work at its peak, beyond its
+    outputs (measured on one 2M-element parameter: AdamW's adjoint holds 8 with the first
+    step's recomputed moments, 10 when it also returns the older state's adjoints; SGD's
+    update 3)."""
+    if optimizer == "sgd":
+        return 3
+    return 8 if steps == 1 else 10
 
 
 def activation_bytes(
@@ -121,6 +137,8 @@ def engine_parts(
     if host_store and steps > 1:
         copies = min(copies, 7)
     parts = {"parameter copies": copies * shape.trainable * nbytes}
+    chunk = min(shape.largest or shape.trainable, CHUNK)
+    parts["optimizer's working chunks"] = chunk_temporaries(steps, optimizer) * chunk * nbytes
     if copied:
         parts["engine's model copy"] = shape.params * nbytes
     parts["activations"] = activation_bytes(shape, sequences, length, nbytes, second_order=steps > 1)
