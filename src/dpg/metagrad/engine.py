@@ -39,6 +39,8 @@ from dpg.metagrad.records import (
     check_hvp_microbatch_size,
     check_inputs,
     check_metric_value,
+    check_scores,
+    explain_not_finite,
     make_examples,
 )
 from dpg.metagrad.store import StepStore, free_bytes
@@ -107,7 +109,7 @@ def example_metagrads(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
-    with prepared(model, dtype, device) as target:
+    with prepared(model, dtype, device) as target, explain_not_finite(model, examples):
         opt = recipe.optimizer_record()
         sched = _schedule(target, opt, recipe, offload, device, group, checkpoint_k)
         plan = _global_sizes(plan_steps(examples, weights, recipe, device, dtype), group, device)
@@ -117,6 +119,7 @@ def example_metagrads(
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
             run = ScheduledRun(target, opt, plan, sched.actions, store, bar, timings, group=group)
             result = _metagrads(target, run, hvp_plan, metric, timings, len(weights), on_trained)
+        check_scores(result.scores, dtype)
     timings["total"] = time.perf_counter() - start
     return _with_diagnostics(result, timings, device, sched, recipe.steps, store)
 

@@ -3,8 +3,9 @@ and the checks every input passes before any compute."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -163,6 +164,44 @@ def check_inputs(model: nn.Module, examples: Examples, recipe: Recipe, weights: 
     return weights
 
 
+class NotFinite(DpgError):
+    """Φ or a score that is not finite: an error, never a result."""
+
+
+def check_scores(scores: Tensor, dtype: torch.dtype) -> None:
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        raise NotFinite(
+            f"the metagradient is not finite for {int(bad.sum())} of {len(scores)} examples ({_few(bad)}; the "
+            f"engine ran in {str(dtype).removeprefix('torch.')}): an overflow in the inner run or its reverse "
+            "sweep; try dtype float64, a smaller recipe.lr, or fewer inner steps (recipe.steps)"
+        )
+
+
+@contextlib.contextmanager
+def explain_not_finite(model: nn.Module, examples: Examples) -> Iterator[None]:
+    """A NotFinite error gains its likeliest cause on a real model: an all-zero embedding row
+    among the examples' tokens. The engine trains the pad row through its lookups too
+    (metagrad/target.py), and a zero row passes on a hidden state of exactly zero through a
+    bias-free pre-norm stack, where each RMSNorm's backward scales by 1/sqrt(eps): the
+    gradient overflows (a random SmolLM2 shape, 30 layers at eps 1e-5, reaches NaN in fp32)."""
+    try:
+        yield
+    except NotFinite as err:
+        weight = model.get_input_embeddings().weight.detach()
+        used = examples.input_ids[examples.attention_mask.bool()].unique().to(weight.device)
+        zero = used[(weight[used] == 0).all(dim=1)].tolist()
+        if not zero:
+            raise
+        raise NotFinite(
+            f"{err}. Likely cause: token(s) {zero[:5]} of the examples have an all-zero input embedding row. "
+            "transformers zeroes the pad token's row in a model built from a config with pad_token_id, and here "
+            "that token is an input (pad = bos starts every example): the gradient at such a row overflows. Use "
+            "weights in which that row is trained, build the model with no pad_token_id (or one that is not an "
+            "input), or give the row random values"
+        ) from None
+
+
 def _few(mask: Tensor) -> str:
     idx = mask.nonzero().flatten().tolist()
     return ", ".join(map(str, idx[:5])) + (f" (and {len(idx) - 5} more)" if len(idx) > 5 else "")
@@ -193,6 +232,6 @@ def check_metric_value(phi: Any, name: str = "the metric", when: str = "", needs
     if not isinstance(phi, Tensor) or phi.numel() != 1:
         raise DpgError(f"{name} must return a scalar tensor, got {type(phi).__name__} {getattr(phi, 'shape', '')}")
     if not torch.isfinite(phi):
-        raise DpgError(f"{name} is not finite{' ' + when if when else ''}: Φ = {phi.item()}")
+        raise NotFinite(f"{name} is not finite{' ' + when if when else ''}: Φ = {phi.item()}")
     if needs_grad and not phi.requires_grad:
         raise DpgError(f"{name} does not depend on any trainable weight of the target")
