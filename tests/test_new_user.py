@@ -102,7 +102,7 @@ def test_estimate_counts_copies_and_logits_by_hand():
     parts = memory.engine_parts(shape, examples=4, length=10, steps=1, optimizer="adamw", microbatch=None,
                                 nbytes=8, copied=False)  # fmt: skip
     assert parts["parameter copies"] == 3 * 1000 * 8
-    assert parts["optimizer's working chunks"] == 8 * 1000 * 8  # 8 temporaries the size of the one 1000-element parameter
+    assert parts["optimizer's working chunks"] == 8 * 1000 * 8  # 8 temporaries the size of its one parameter
     per_layer = 40 * (12 * 8 + 4 * 16) + 2 * 4 * 2 * 10 * 10  # tokens·(12d + 4I) + 2·B·heads·T²
     assert parts["activations"] == per_layer * 8 + 4 * 40 * 50 * 8
     m3 = memory.engine_parts(shape, examples=6, length=10, steps=3, optimizer="adamw", microbatch=1,
