@@ -48,7 +48,8 @@ def build(kind: str, settings: dict, out: Path) -> None:
 
     # No pad id in the config: its embedding row would be zero, and a zero hidden state (every
     # example starts with token 256) makes each RMSNorm's backward multiply by 1/√eps = 1,000,
-    # which overflows fp32 after ~13 layers (NaN gradients). Real checkpoints have no such row.
+    # which overflows fp32 in a deep stack (dpg then stops with an error naming the row).
+    # Real checkpoints have no such row.
     config = AutoConfig.for_model(kind, tie_word_embeddings=True, bos_token_id=256, eos_token_id=256,
                                   pad_token_id=None, **settings)  # fmt: skip
     torch.manual_seed(0)
