@@ -253,6 +253,10 @@ class GRPOSettings:
     gradient_checkpointing: bool = False  # recompute activations in the policy update (less memory, slower)
     extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, passed through as is
 
+    def bf16_update(self, device_type: str) -> bool:
+        """Whether the policy update runs under bf16 autocast (`precision` resolved for the device)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
 
 @dataclass
 class EvaluateSettings:

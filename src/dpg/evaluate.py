@@ -117,7 +117,7 @@ def generators_to_compare(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
     trained = Path(cfg.output_dir) / "generator"
     if trained.is_dir():
         out.append(("trained", ModelConfig(model=str(trained))))
-    elif Path(cfg.output_dir).is_dir() and (last := last_complete_checkpoint(Path(cfg.output_dir))) is not None:
+    elif (last := last_complete_checkpoint(Path(cfg.output_dir))) is not None:
         # A run stopped early (time_limit, a lost machine): its latest sealed checkpoint is the
         # generator it has so far, named for its step so no one takes it for the finished run.
         print(f"note: {cfg.output_dir} has no finished run (no generator/): evaluating its latest checkpoint, "

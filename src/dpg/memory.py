@@ -105,18 +105,19 @@ def chunk_temporaries(steps: int, optimizer: str) -> int:
 
 
 def activation_bytes(
-    shape: ModelShape, sequences: int, length: int, nbytes: int, second_order: bool, head_length: int | None = None
-) -> int:
+    shape: ModelShape, sequences: int, length: int, nbytes: int, second_order: bool,
+    head_length: int | None = None, head_nbytes: int | None = None,
+) -> int:  # fmt: skip
     """One microbatch's activations: the trunk's saved tensors and the head's (tokens × V)
     logits, softmax and gradients (over the last `head_length` positions of each sequence
-    when only those are scored, as in TRL's policy update); second-order passes (M > 1) keep
-    primal and tangent."""
+    when only those are scored, as in TRL's policy update; in `head_nbytes` when they differ
+    from the trunk's, as under autocast); second-order passes (M > 1) keep primal and tangent."""
     tokens = sequences * length
     per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate)
     if shape.scores:  # eager attention materialises softmax(QKᵀ) per head; SDPA / flash kernels never do
         per_layer += 2 * sequences * shape.heads * length * length
     trunk = shape.layers * per_layer * nbytes
-    head = 4 * sequences * (head_length or length) * shape.vocab * nbytes
+    head = 4 * sequences * (head_length or length) * shape.vocab * (head_nbytes or nbytes)
     if second_order:
         trunk *= 3
         head = max(head, 4 * min(tokens, 4096) * shape.vocab * nbytes)  # HeadTangent's chunks of 4096 tokens
@@ -183,9 +184,9 @@ def estimate_train(target: ModelShape, generator: ModelShape, *, examples: int, 
                               host_store=device.type == "cuda" and offload != "device")  # fmt: skip
     parts |= {f"inner run: {k}": v for k, v in engine.items()}
     parts["generator + AdamW"] = generator.params * 4 * (4 + int(reference))
-    trunk = activation_bytes(generator._replace(vocab=0), sequences, sequence_length, update_bytes, second_order=False)
-    head = activation_bytes(generator._replace(layers=0), sequences, sequence_length, 4, False, completion_length)
-    parts["generator activations"] = trunk + head
+    parts["generator activations"] = activation_bytes(
+        generator, sequences, sequence_length, update_bytes, False, head_length=completion_length, head_nbytes=4
+    )
     return Estimate(parts, str(device))
 
 
@@ -209,7 +210,7 @@ def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: 
         sequences=g.prompts_per_step * g.num_generations // g.updates_per_step,
         sequence_length=prompt_tokens + g.max_completion_length, reference=g.beta > 0, device=device,
         completion_length=g.max_completion_length,
-        update_bytes=2 if g.precision == "bf16" or (g.precision == "auto" and device.type == "cuda") else 4,
+        update_bytes=2 if g.bf16_update(device.type) else 4,
     )  # fmt: skip
 
 

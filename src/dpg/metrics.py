@@ -243,11 +243,9 @@ class LMLossMetric:
             n: b.to(device, dtype) if b.is_floating_point() else b.to(device) for n, b in self.model.named_buffers()
         }
         weights = {**buffers, **params}
-        total = self.examples.attention_mask.new_zeros(())
         parts = []
         for lo in range(0, len(self.examples.input_ids), self.chunk):
             ids, attn, labels = (x[lo : lo + self.chunk].to(device) for x in self.examples)
-            total = total + labels[:, 1:].sum().cpu()
             if torch.is_grad_enabled():
                 parts.append(
                     checkpoint(
@@ -256,7 +254,7 @@ class LMLossMetric:
                 )
             else:
                 parts.append(self._ce_sum(weights, ids, attn, labels))
-        return torch.stack(parts).sum() / total.to(device)
+        return torch.stack(parts).sum() / int(self.examples.loss_mask[:, 1:].sum())  # label tokens, counted on CPU
 
     def _ce_sum(self, weights: Params, ids: Tensor, attn: Tensor, labels: Tensor) -> Tensor:
         """Σ cross-entropy over one chunk's label tokens (run again in backward: no side effects)."""

@@ -99,7 +99,7 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
             f"updates_per_step = {g.updates_per_step} mini-batches over {world} process(es)"
         )
     per_step = g.updates_per_step * g.num_iterations  # optimizer steps per generated batch
-    bf16 = g.precision == "bf16" or (g.precision == "auto" and device.type == "cuda")
+    bf16 = g.bf16_update(device.type)
     kwargs = dict(
         output_dir=cfg.output_dir, seed=cfg.seed, use_cpu=device.type == "cpu", bf16=bf16, fp16=False,
         learning_rate=g.learning_rate, lr_scheduler_type=g.lr_schedule, max_steps=g.steps * per_step,
