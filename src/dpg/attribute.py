@@ -169,7 +169,8 @@ def _memory_note(model, cfg: AttributeConfig, dtype: torch.dtype) -> str:
     copies = 4 if cfg.recipe.optimizer == "adamw" else 1  # θ_{t−1}, g_t, m_t, v_t (SGD: θ_{t−1})
     per_step = params * copies * torch.finfo(dtype).bits / 8 / 2**30
     budget = cfg.recipe.state_budget_gb
-    bound = f"{budget} GiB (recipe.state_budget_gb)" if budget is not None else "half the free memory"
+    default = {"cpu": "half the free memory", "disk": "80 % of the free disk"}.get(cfg.offload, "device memory")
+    bound = f"{budget} GiB (recipe.state_budget_gb)" if budget is not None else default  # as engine._schedule
     return (
         f"saved state for the reverse sweep: {per_step:.3g} GiB per inner step ({cfg.offload}); "
         f"held within {bound}, steps that do not fit are recomputed"
