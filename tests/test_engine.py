@@ -369,11 +369,11 @@ def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
 
 
 def test_m1_head_metric_takes_the_saved_hidden_state_path(monkeypatch):
-    import dpg.metagrad.engine as engine
+    import dpg.metagrad.reverse as reverse  # the reverse sweep's home
 
     calls = []
-    real = engine.head_tangent_scores
-    monkeypatch.setattr(engine, "head_tangent_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = reverse.head_tangent_scores
+    monkeypatch.setattr(reverse, "head_tangent_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model("gpt2", False)
     res = example_metagrads(
         model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model), dtype=torch.float64

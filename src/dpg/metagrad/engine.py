@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dpg.errors import DpgError
 from dpg.metagrad import optim, schedule
 from dpg.metagrad.inner import ScheduledRun, Step, train_step
-from dpg.metagrad.parallel import all_reduce_sum, smallest, summed
+from dpg.metagrad.parallel import smallest, summed
 from dpg.metagrad.records import (
     Examples,
     MetagradResult,
@@ -43,14 +43,12 @@ from dpg.metagrad.records import (
     explain_not_finite,
     make_examples,
 )
+from dpg.metagrad.reverse import head_only, reverse_sweep
 from dpg.metagrad.store import StepStore, free_bytes
 from dpg.metagrad.target import (
     Target,
-    head_tangent_scores,
-    hvp_and_tangent_scores,
     make_microbatch,
     prepared,
-    tangent_scores,
 )
 
 __all__ = [  # the engine's records live in records.py; importable from here too
@@ -182,7 +180,7 @@ def _metagrads(
             # Φ(θ_0), and which parameters Φ reads: a metric on the (untied) LM head alone,
             # with M = 1, is scored from the training pass's own hidden states.
             phi0, support = _metric_probe(metric, target)
-        run.stash_hidden = len(run.plan) == 1 and _head_only(target, support)
+        run.stash_hidden = len(run.plan) == 1 and head_only(target, support)
         with _phase(timings, "train", device):
             params, losses = run.forward()
         with _phase(timings, "metric", device):
@@ -191,15 +189,10 @@ def _metagrads(
             on_trained({**target.frozen, **params})
         del params
         with _phase(timings, "reverse", device):
-            scores = _reverse_sweep(target, run, adj, n, hvp_plan)
+            scores = reverse_sweep(target, run, adj, n, hvp_plan)
     finally:
         run.store.close()
     return MetagradResult(scores.cpu(), phi, phi0, proxy, losses)
-
-
-def _head_only(target: Target, support: Params) -> bool:
-    head = {target.head, target.head_bias} - {None}
-    return target.trunk is not None and not target.head_tied and bool(head) and set(support) <= head
 
 
 def fine_tune(
@@ -303,46 +296,6 @@ def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tu
     proxy_fn = getattr(metric, "proxy", None)
     figures = proxy_fn({**target.frozen, **params}) if callable(proxy_fn) else {}
     return phi.item(), adj, figures
-
-
-def _reverse_sweep(target: Target, run: ScheduledRun, adj: Params, n: int, hvp_plan: list[Step]) -> Tensor:
-    opt, plan, group = run.opt, run.plan, run.group
-    scores = torch.zeros(n, dtype=torch.float64, device=next(iter(adj.values())).device)
-    adj_state = None
-    for t, record in run.reversed_records():
-        step = plan[t - 1]
-        theta = record.pop("theta", target.params)
-        adamw = isinstance(opt, optim.AdamW)
-        state_after = optim.AdamState(t, record.pop("m", {}), record.pop("v", {})) if adamw else None
-        # Step 1: nothing upstream of θ_0 is wanted, so only the adjoint of g.
-        gamma, adj_direct, adj_state = optim.step_adjoint(
-            opt, state_after, record.pop("g", {}), adj, adj_state, upstream=t > 1
-        )
-        adj.clear()  # λ is consumed (the caller's dict too): its memory is free for the passes below
-        del state_after
-        if t == 1:  # scores only, no Hessian term
-            stash = record.get("hidden") if _head_only(target, gamma) else None
-            for j, mb in enumerate(step.microbatches):
-                if stash:  # the training pass's hidden states: no second trunk pass at all
-                    dl = head_tangent_scores(target, theta, gamma, stash[str(j)], mb)
-                else:
-                    dl = tangent_scores(target, theta, gamma, mb)
-                scores.index_add_(0, mb.index, dl.double() / step.size)
-                run.bar.update(1)
-            break
-        hv_sum = None
-        for mb in hvp_plan[t - 1].microbatches:
-            hv, dl = hvp_and_tangent_scores(target, theta, gamma, mb, step.size)
-            hv_sum = hv if hv_sum is None else {k: hv_sum[k] + hv[k] for k in hv_sum}
-            scores.index_add_(0, mb.index, dl.double() / step.size)
-            run.bar.update(1)
-        if hv_sum is None:  # this rank holds no example of this step
-            hv_sum = {k: torch.zeros_like(p) for k, p in theta.items()}
-        if group is not None:
-            hv_sum = all_reduce_sum(hv_sum, group)
-        adj = {k: (hv_sum[k] + adj_direct[k]) if k in adj_direct else hv_sum[k] for k in hv_sum}
-        del hv_sum, adj_direct, gamma, theta, record
-    return scores
 
 
 def _global_sizes(plan: list[Step], group: dist.ProcessGroup | None, device: torch.device) -> list[Step]:
