@@ -19,12 +19,13 @@ adjoint come from an earlier reverse step, so they are dense on every parameter.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 
 import torch
-from metagrad_ratio import SHAPES, build, sft_steps, sync, timed
+from metagrad_ratio import SHAPES, build, sft_steps, sync
 from metagrad_steps import examples_for
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
@@ -65,10 +66,13 @@ def setup(model, ids, args, device):
     return recipe, plan, hvp_plan
 
 
-def measure(model, ids, args, device, sft_s) -> dict:
+def measure(model, ids, args, device) -> dict:
     recipe, plan, hvp_plan = setup(model, ids, args, device)
+    sft_step = sft_steps(model, ids[: args.seqs].to(device), args.micro, 1, device)
+    sft_step()  # warm-up
     bar, key = tqdm(disable=True), ("record", 2)
-    with prepared(model, torch.float32, device) as target:
+    # The engine's own copy: the SFT steps interleaved below run the caller's model as HF built it
+    with prepared(copy.deepcopy(model), torch.float32, device) as target:
         opt, store = recipe.optimizer_record(), StepStore("cpu", device)
         first = train_step(target, opt, plan[0], target.params, optim.init(opt, target.params), bar)
         theta, state = first.params, first.state
@@ -87,27 +91,37 @@ def measure(model, ids, args, device, sft_s) -> dict:
             record = store.pop(key)
             reverse_step(target, opt, 2, record, plan[1].size, hvp_plan[1], dict(lam), adj_state, scores, bar)
 
-        fwd_all, rev_all = [], []
+        # Interleaved, so that a change in the machine's load between them does not bias the ratios
+        sft, fwd, rev = [], [], []
         for _ in range(args.reps):
-            fwd_all.append(_seconds(forward, device))
-            rev_all.append(_seconds(reverse, device))
+            sft.append(_seconds(sft_step, device))
+            fwd.append(_seconds(forward, device))
+            rev.append(_seconds(reverse, device))
         forward()
         prof = profiled(reverse, device)
         store.close()
-    fwd_s, rev_s = statistics.median(fwd_all), statistics.median(rev_all)
-    return {
-        "forward_step_s": fwd_s, "forward_all_s": fwd_all, "reverse_step_s": rev_s, "reverse_all_s": rev_all,
-        "forward_over_sft": fwd_s / sft_s, "reverse_over_sft": rev_s / sft_s,
-        "profile": summarise(prof, device, rev_s, sft_s, args.top),
-    }  # fmt: skip
+    out = _medians("sft", sft) | _medians("forward", fwd) | _medians("reverse", rev)
+    sft_s = out["sft_step_s"]
+    out |= {"forward_over_sft": out["forward_step_s"] / sft_s, "reverse_over_sft": out["reverse_step_s"] / sft_s}
+    out["reverse_over_sft_each"] = [r[0] / s[0] for r, s in zip(rev, sft)]
+    if device.type == "cpu":
+        out["cpu_time_ratios"] = {k: out[f"{k}_step_cpu_s"] / out["sft_step_cpu_s"] for k in ("forward", "reverse")}
+    return out | {"profile": summarise(prof, device, out["reverse_step_s"], sft_s, args.top)}
 
 
-def _seconds(fn, device) -> float:
+def _seconds(fn, device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call (CPU time: the steadier figure on a shared CPU)."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _medians(what: str, runs: list[tuple[float, float]]) -> dict:
+    wall, cpu = zip(*runs)
+    return {f"{what}_step_s": statistics.median(wall), f"{what}_all_s": wall,
+            f"{what}_step_cpu_s": statistics.median(cpu), f"{what}_all_cpu_s": cpu}  # fmt: skip
 
 
 def profiled(fn, device):
@@ -158,6 +172,9 @@ def show(res: dict) -> None:
     print(f"\nplain SFT step {res['sft_step_s']:.3f} s; engine forward step {res['forward_step_s']:.3f} s "
           f"({res['forward_over_sft']:.2f} SFT); reverse step {res['reverse_step_s']:.3f} s "
           f"({res['reverse_over_sft']:.2f} SFT)")  # fmt: skip
+    if "cpu_time_ratios" in res:
+        r = res["cpu_time_ratios"]
+        print(f"by process CPU time: forward {r['forward']:.2f} SFT, reverse {r['reverse']:.2f} SFT")
     print(f"\nreverse step by {p['clock']} (profiled total {p['total_us'] / 1e6:.3f} s; {p['sync_events']} syncs)")
     print(f"{'op':52s} {'calls':>6s} {'ms':>9s} {'share':>6s} {'SFT':>6s}")
     for r in p["top_ops"]:
@@ -176,24 +193,25 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=None, help="training microbatch (default: the shape's)")
     ap.add_argument("--hvp-micro", type=int, default=None, help="HVP microbatch (default: half the training one)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each (median), after a warm-up")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--top", type=int, default=25, help="ops listed in the profile table")
     ap.add_argument("--out", default="reverse_profile.json")
     args = ap.parse_args()
     shape, device = SHAPES[args.shape], torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     args.seqs, args.micro = args.seqs or shape["seqs"], args.micro or shape["micro"]
     args.hvp_micro = args.hvp_micro or max(1, args.micro // 2)
     model = build(shape, device)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab_size"], (2 * args.seqs, shape["seq_len"]), generator=gen)
-    sft_s, sft_all = timed(sft_steps(model, ids[: args.seqs].to(device), args.micro, 1, device), device, args.reps)
     res = {
         "shape": args.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "tf32": args.tf32, "threads": torch.get_num_threads(), "seqs_per_step": args.seqs,
         "seq_len": shape["seq_len"], "microbatch": args.micro, "hvp_microbatch": args.hvp_micro, "reps": args.reps,
-        "sft_step_s": sft_s, "sft_all_s": sft_all,
     }  # fmt: skip
-    res |= measure(model, ids, args, device, sft_s)
+    res |= measure(model, ids, args, device)
     show(res)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
