@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.activations import NewGELUActivation
 
 from dpg.errors import DpgError
 from dpg.metagrad.head_ops import HeadTangent, LayerNormFromPrimitives, token_tangents
@@ -86,6 +87,7 @@ def prepared(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Iter
     # through the lookups that its gradient skips, and the scores were wrong by O(1). Inside
     # the engine the pad row is trained like every other row, in every pass.
     pads = [(m, m.padding_idx) for m in module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
+    gelus = _fuse_gelu(module)
     try:
         module.eval()
         for m, _ in pads:
@@ -95,9 +97,35 @@ def prepared(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Iter
     finally:
         for m, idx in pads:
             m.padding_idx = idx
+        for parent, name, act in gelus:
+            setattr(parent, name, act)
         module.train(was_training)
         if attn is not None and _attn_implementation(module) != attn:
             module.set_attn_implementation(attn)
+
+
+class _TanhGelu(nn.Module):
+    """GPT-2's activation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) as torch's one fused op."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+def _fuse_gelu(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap HF's NewGELUActivation (the formula in seven elementwise ops) for the same
+    function as one op, returning what to put back. The reverse-over-forward pass carries a
+    tangent through each op and differentiates each again: on the MLP's 4·d-wide activations
+    those ops were most of its elementwise time (benchmarks/reverse_profile.py). The two
+    differ by rounding; every pass of the engine runs the fused one."""
+    found = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if type(child) is NewGELUActivation
+    ]
+    for parent, name, _ in found:
+        setattr(parent, name, _TanhGelu())
+    return found
 
 
 def _attn_implementation(module: nn.Module) -> str | None:
