@@ -120,7 +120,7 @@ def activation_bytes(
     head = 4 * sequences * (head_length or length) * shape.vocab * (head_nbytes or nbytes)
     if second_order:
         trunk *= 3
-        head = max(head, 4 * min(tokens, 4096) * shape.vocab * nbytes)  # HeadTangent's chunks of 4096 tokens
+        head = max(head, 4 * min(tokens, 4096) * shape.vocab * nbytes)  # HeadObjective: chunks of 4096 tokens, ≤ 3 live
     return trunk + head
 
 

@@ -1,8 +1,8 @@
 """Hand-written pieces of the reverse-over-forward pass (target.hvp_and_tangent_scores).
 
 `token_tangents`: the LM head's per-token loss tangent, written out and chunked over label
-tokens; `HeadTangent`: the same as an autograd function with its gradient written out, so
-no (tokens × vocabulary) tensor outlives one chunk.
+tokens; `HeadObjective`: the HVP pass's weighted sum of those tangents as an autograd
+function with its gradient written out, so no (tokens × vocabulary) tensor outlives one chunk.
 `LayerNormFromPrimitives`: layer_norm in primitive ops, because torch.func differentiates
 layer_norm's tangent wrongly (tests/test_engine.py pins both against references).
 """
@@ -60,54 +60,70 @@ def token_tangents(h, h_dot, weight, bias, t_weight, t_bias, labels, chunk: int 
     return out
 
 
-class HeadTangent(torch.autograd.Function):
-    """Per label token, the tangent of −log softmax(z)_y with z = W·h + b along (ḣ, Ẇ, ḃ),
-    and its gradient with respect to (h, ḣ, W, b), written out and chunked.
+class HeadObjective(torch.autograd.Function):
+    """The head's share of the reverse-over-forward pass: Σ_tok c_tok·d_tok and every token's
+    d_tok, the tangent of −log softmax(z)_y with z = W·h + b along (ḣ, Ẇ, ḃ), with the
+    objective's gradient with respect to (h, ḣ, W, b) written out and chunked.
 
     With p = softmax(z), ż = Ẇ·h + W·ḣ + ḃ and s = p·ż, a token's value is d = s − ż_y, and
         ∂d/∂z = p ⊙ (ż − s)        ∂d/∂ż = p − e_y.
-    So with A = c·p⊙(ż − s) and B = c·(p − e_y) for the upstream gradient c:
+    So with A = c·p⊙(ż − s) and B = c·(p − e_y) for the token weights c:
         h̄ = A·W + B·Ẇ    ḣ̄ = B·W    W̄ = Aᵀ·h + Bᵀ·ḣ    b̄ = Σ A.
-    The tangents Ẇ, ḃ are constants. Only (h, ḣ, W, b) are saved; p is recomputed per chunk
-    in the backward, so memory is one (chunk, V) block at a time.
+    The token weights are constants known before the pass (w_i / (|B_t|·labels of x_i)), so
+    the forward computes the gradient as well, from one (p, ż) per chunk, and the backward
+    only scales it by the scalar upstream gradient: 8 head-sized matrix products and one
+    softmax a chunk, where a backward of d alone (given per-token upstream gradients) must
+    form p and ż a second time (11 products, two softmaxes). Ẇ, ḃ are constants; memory is
+    the gradient and one (chunk, V) block at a time. `needs` = (h̄, ḣ̄, W̄, b̄) wanted.
+    Outputs: the objective (scalar) and d (n,), not differentiable.
     """
 
     @staticmethod
-    def forward(h, h_dot, weight, bias, t_weight, t_bias, labels, chunk):
-        return token_tangents(h, h_dot, weight, bias, t_weight, t_bias, labels, chunk)
+    def forward(h, h_dot, weight, bias, t_weight, t_bias, labels, c, needs, chunk):
+        grads = head_objective_grads(h, h_dot, weight, bias, t_weight, t_bias, labels, c, needs, chunk)
+        d = grads[0]
+        return (c * d).sum(), d, *grads[1:]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        *saved, chunk = inputs
-        ctx.save_for_backward(*saved)
-        ctx.chunk = chunk
+        _, d, *grads = output
+        ctx.mark_non_differentiable(d, *grads)
+        ctx.save_for_backward(*grads)
 
     @staticmethod
-    def backward(ctx, c):
-        h, h_dot, weight, bias, t_weight, t_bias, labels = ctx.saved_tensors
-        need_h, need_hd, need_w, need_b = ctx.needs_input_grad[:4]
-        gh = torch.zeros_like(h) if need_h else None
-        ghd = torch.zeros_like(h_dot) if need_hd and h_dot is not None else None
-        gw = torch.zeros_like(weight) if need_w else None
-        gb = torch.zeros_like(bias) if need_b and bias is not None else None
-        for s in range(0, h.shape[0], ctx.chunk):
-            sl = slice(s, s + ctx.chunk)
-            hc, hdc, cc, y = h[sl], None if h_dot is None else h_dot[sl], c[sl, None], labels[sl]
-            p, z_dot = head_chunk(hc, hdc, weight, bias, t_weight, t_bias)
-            a = cc * p * (z_dot - (p * z_dot).sum(-1, keepdim=True))  # (c, V)
-            b = cc * p
-            b[torch.arange(len(y), device=y.device), y] -= cc.squeeze(1)
-            if gh is not None:
-                gh[sl] = a @ weight + (b @ t_weight if t_weight is not None else 0)
-            if ghd is not None:
-                ghd[sl] = b @ weight
-            if gw is not None:
-                gw.addmm_(a.T, hc)
-                if hdc is not None:
-                    gw.addmm_(b.T, hdc)
-            if gb is not None:
-                gb += a.sum(0)
-        return gh, ghd, gw, gb, None, None, None, None
+    def backward(ctx, g, *_):
+        grads = [None if x.numel() == 0 else g * x for x in ctx.saved_tensors]
+        return *grads, None, None, None, None, None, None
+
+
+def head_objective_grads(h, h_dot, weight, bias, t_weight, t_bias, labels, c, needs, chunk):
+    """HeadObjective's work: (d, h̄, ḣ̄, W̄, b̄); an unwanted gradient is an empty tensor."""
+    def want(flag, like):
+        return torch.zeros_like(like) if flag and like is not None else like.new_empty(0)
+
+    d = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
+    gh, ghd, gw = want(needs[0], h), want(needs[1] and h_dot is not None, h), want(needs[2], weight)
+    gb = want(needs[3] and bias is not None, weight if bias is None else bias)
+    for s in range(0, h.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        hc, hdc, cc, y = h[sl], None if h_dot is None else h_dot[sl], c[sl, None], labels[sl]
+        p, a = head_chunk(hc, hdc, weight, bias, t_weight, t_bias)  # a holds ż until made A below
+        dot = (p * a).sum(-1, keepdim=True)
+        d[sl] = dot.squeeze(1) - a.gather(1, y[:, None]).squeeze(1)
+        a.sub_(dot).mul_(p).mul_(cc)  # A = c·p⊙(ż − s)
+        b = p.mul_(cc)  # B = c·(p − e_y), in p's memory
+        b[torch.arange(len(y), device=y.device), y] -= cc.squeeze(1)
+        if gh.numel():
+            gh[sl] = a @ weight + (b @ t_weight if t_weight is not None else 0)
+        if ghd.numel():
+            ghd[sl] = b @ weight
+        if gw.numel():
+            gw.addmm_(a.T, hc)
+            if hdc is not None:
+                gw.addmm_(b.T, hdc)
+        if gb.numel():
+            gb += a.sum(0)
+    return d, gh, ghd, gw, gb
 
 
 def head_chunk(h, h_dot, weight, bias, t_weight, t_bias) -> tuple[Tensor, Tensor]:

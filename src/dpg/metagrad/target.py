@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import NewGELUActivation
 
 from dpg.errors import DpgError
-from dpg.metagrad.head_ops import HeadTangent, LayerNormFromPrimitives, token_tangents
+from dpg.metagrad.head_ops import HeadObjective, LayerNormFromPrimitives, token_tangents
 
 Params = dict[str, Tensor]
 
@@ -353,7 +353,7 @@ def hvp_and_tangent_scores(
     Reverse-over-forward: d_i(θ) = γ·∇l_i(θ) is the forward-mode tangent of l_i along γ, so
     the per-example scores are d_i and the Hessian-vector product is the gradient of
     Σ w_i·d_i / batch_size. On a split target the forward-mode pass runs through the trunk
-    only and the head's tangent and its gradient are written out (`HeadTangent`), chunked
+    only and the head's share and its gradient are written out (`HeadObjective`), chunked
     over label tokens: no (n, V) tensor is kept between the passes.
     """
     if target.trunk is None:
@@ -361,6 +361,10 @@ def hvp_and_tangent_scores(
     into_trunk = {k: t for k, t in tangent.items() if k.startswith(target.prefix)}
     t_weight = tangent.get(target.head)
     t_bias = tangent.get(target.head_bias) if target.head_bias else None
+    # Σ w_i·d_i / batch_size = Σ_tok c_tok·d_tok: each label token weighs w_i / (batch_size·labels of x_i)
+    c = (mb.weights / mb.label_count).index_select(0, mb.label_row) / batch_size
+    needs = (any(k.startswith(target.prefix) for k in params), bool(into_trunk), target.head in params,
+             target.head_bias in params)  # fmt: skip
 
     def objective(p: Params) -> tuple[Tensor, Tensor]:
         if into_trunk:
@@ -371,8 +375,8 @@ def hvp_and_tangent_scores(
         else:
             h, h_dot = label_hidden(target, p, mb), None
         weight, bias = _head(target, p)
-        dl = _per_example(HeadTangent.apply(h, h_dot, weight, bias, t_weight, t_bias, mb.labels, chunk), mb)
-        return (mb.weights * dl).sum() / batch_size, dl
+        obj, d, *_ = HeadObjective.apply(h, h_dot, weight, bias, t_weight, t_bias, mb.labels, c, needs, chunk)
+        return obj, _per_example(d, mb)
 
     with higher_order(), LayerNormFromPrimitives():
         return grad(objective, has_aux=True)(params)
