@@ -125,12 +125,15 @@ def _medians(what: str, runs: list[tuple[float, float]]) -> dict:
 
 
 def profiled(fn, device):
+    """The profile of one call, and its wall-clock seconds under the profiler."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     with profile(activities=acts) as prof:
+        start = time.perf_counter()
         fn()
         sync(device)
-    return prof
+        wall = time.perf_counter() - start
+    return prof, wall
 
 
 def _self_time(evt, cuda: bool) -> float:
@@ -140,10 +143,14 @@ def _self_time(evt, cuda: bool) -> float:
     return getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
 
 
-def summarise(prof, device, rev_s: float, sft_s: float, top: int) -> dict:
-    """Top ops and category totals: µs, share of the profiled self time, SFT-step units."""
+def summarise(profiled_run, device, rev_s: float, sft_s: float, top: int) -> dict:
+    """Top ops and category totals: µs, share of the profiled self time, SFT-step units.
+    On CUDA an op's self time is that of the kernels it launched (the kernels' own rows,
+    which would count them twice, are left out)."""
+    prof, wall = profiled_run
     cuda = device.type == "cuda"
-    events = [e for e in prof.key_averages() if _self_time(e, cuda) > 0]
+    host_ops = [e for e in prof.key_averages() if not cuda or e.device_type == torch.autograd.DeviceType.CPU]
+    events = [e for e in host_ops if _self_time(e, cuda) > 0]
     total = sum(_self_time(e, cuda) for e in events)
     unit = rev_s / sft_s  # a share of the step, in SFT steps
 
@@ -155,11 +162,13 @@ def summarise(prof, device, rev_s: float, sft_s: float, top: int) -> dict:
     cats: dict[str, float] = {}
     for e in events:
         cats[category(e.key)] = cats.get(category(e.key), 0.0) + _self_time(e, cuda)
-    syncs = sum(e.count for e in prof.key_averages() if "synchronize" in e.key.lower() or "local_scalar" in e.key)
+    # host waits for the device: .item() and friends (the profiler's own closing sync is one)
+    syncs = {e.key: e.count for e in prof.key_averages() if "synchronize" in e.key.lower() or "local_scalar" in e.key}
     attn = [e for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention"]
     attn_us = sum((e.device_time_total if cuda else e.cpu_time_total) for e in attn)
     return {
-        "clock": "CUDA kernel time" if cuda else "CPU time", "total_us": total,
+        "clock": "CUDA kernel time" if cuda else "CPU time", "total_us": total, "profiled_wall_s": wall,
+        "busy": total / 1e6 / wall,  # kernel time / wall time under the profiler (CUDA: below 1 = device idle)
         "top_ops": [row(e.key, _self_time(e, cuda), e.count) for e in ops[:top]],
         "categories": [row(c, us) for c, us in sorted(cats.items(), key=lambda kv: -kv[1])],
         "attention_forward_and_tangent_inclusive": row("attention (inside the categories)", attn_us),
@@ -175,7 +184,8 @@ def show(res: dict) -> None:
     if "cpu_time_ratios" in res:
         r = res["cpu_time_ratios"]
         print(f"by process CPU time: forward {r['forward']:.2f} SFT, reverse {r['reverse']:.2f} SFT")
-    print(f"\nreverse step by {p['clock']} (profiled total {p['total_us'] / 1e6:.3f} s; {p['sync_events']} syncs)")
+    print(f"\nreverse step by {p['clock']}: {p['total_us'] / 1e6:.3f} s of {p['profiled_wall_s']:.3f} s profiled; "
+          f"waits for the device {p['sync_events']}")  # fmt: skip
     print(f"{'op':52s} {'calls':>6s} {'ms':>9s} {'share':>6s} {'SFT':>6s}")
     for r in p["top_ops"]:
         print(f"{r['name'][:52]:52s} {r['calls']:6d} {r['us'] / 1e3:9.1f} {r['share']:6.1%} {r['sft_steps']:6.2f}")
