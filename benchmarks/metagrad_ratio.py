@@ -32,6 +32,9 @@ SHAPES = {
     "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, seqs=1024, seq_len=128, micro=128),
     # CPU profiling (reverse_profile.py): GPT-2's layout shrunk, the head about half the trunk as in gpt2-small
     "small": dict(n_embd=128, n_layer=4, n_head=4, vocab_size=4096, seqs=64, seq_len=64, micro=32),
+    # GPT-2-small's 12 layers with every tensor tiny: the host's per-op cost alone (reverse_profile.py, --hvp-micro 4
+    # gives gpt2-small's 16 HVP passes a step)
+    "overhead": dict(n_embd=64, n_layer=12, n_head=4, vocab_size=257, seqs=64, seq_len=8, micro=8),
     "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=257, seqs=32, seq_len=32, micro=8),
 }
 

@@ -151,7 +151,7 @@ def summarise(profiled_run, device, rev_s: float, sft_s: float, top: int) -> dic
     cuda = device.type == "cuda"
     host_ops = [e for e in prof.key_averages() if not cuda or e.device_type == torch.autograd.DeviceType.CPU]
     events = [e for e in host_ops if _self_time(e, cuda) > 0]
-    total = sum(_self_time(e, cuda) for e in events)
+    total = max(sum(_self_time(e, cuda) for e in events), 1e-9)
     unit = rev_s / sft_s  # a share of the step, in SFT steps
 
     def row(name, us, count=None):
@@ -172,7 +172,7 @@ def summarise(profiled_run, device, rev_s: float, sft_s: float, top: int) -> dic
         "top_ops": [row(e.key, _self_time(e, cuda), e.count) for e in ops[:top]],
         "categories": [row(c, us) for c, us in sorted(cats.items(), key=lambda kv: -kv[1])],
         "attention_forward_and_tangent_inclusive": row("attention (inside the categories)", attn_us),
-        "sync_events": syncs,
+        "sync_events": syncs, "op_calls": sum(e.count for e in host_ops),
     }  # fmt: skip
 
 
@@ -185,7 +185,7 @@ def show(res: dict) -> None:
         r = res["cpu_time_ratios"]
         print(f"by process CPU time: forward {r['forward']:.2f} SFT, reverse {r['reverse']:.2f} SFT")
     print(f"\nreverse step by {p['clock']}: {p['total_us'] / 1e6:.3f} s of {p['profiled_wall_s']:.3f} s profiled; "
-          f"waits for the device {p['sync_events']}")  # fmt: skip
+          f"{p['op_calls']} op calls; waits for the device {p['sync_events']}")  # fmt: skip
     print(f"{'op':52s} {'calls':>6s} {'ms':>9s} {'share':>6s} {'SFT':>6s}")
     for r in p["top_ops"]:
         print(f"{r['name'][:52]:52s} {r['calls']:6d} {r['us'] / 1e3:9.1f} {r['share']:6.1%} {r['sft_steps']:6.2f}")
