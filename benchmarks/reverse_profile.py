@@ -3,17 +3,20 @@
     python benchmarks/reverse_profile.py --out reverse_profile.json            # GPT-2-small shape, CUDA
     python benchmarks/reverse_profile.py --shape small --device cpu --out reverse_profile_cpu.json
 
-In one process, after a warm-up of each, the median of --reps timings of
+In one process, after a warm-up of each, interleaved (a load change on a shared machine hits
+all three alike), the median of --reps timings of
   (a) a plain SFT step (HF forward with labels, backward, AdamW: metagrad_ratio.sft_steps),
   (b) an engine forward step: inner.train_step and the saving of its record (StepStore.put),
   (c) a reverse step t > 1: taking the record back (StepStore.pop, the host-to-device copy on
       CUDA) and reverse.reverse_step, the sweep's own code: optim.step_adjoint, one
       hvp_and_tangent_scores per HVP microbatch, the scores and the H·γ sum;
-each as a ratio to (a). Then one reverse step under torch.profiler: the top ops by self time
-on the device (CUDA kernels on cuda, CPU on cpu) and the totals by category, each as a share
-of the profiled time and in SFT-step units (share × reverse step / SFT step). The step's
-record, λ and the optimizer state's adjoint are those of a middle step: λ and the state
-adjoint come from an earlier reverse step, so they are dense on every parameter.
+each as a ratio to (a) (on the CPU also by process CPU time). Then one reverse step under
+torch.profiler: the top ops by self time on the device (CUDA kernels on cuda, CPU on cpu) and
+the totals by category, each as a share of the profiled time and in SFT-step units (share ×
+reverse step / SFT step), the op calls, the host's waits for the device, and (CUDA) kernel
+time over wall time. The step's record, λ and the optimizer state's adjoint are those of a
+middle step: λ and the state adjoint come from an earlier reverse step, so they are dense on
+every parameter.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def category(name: str) -> str:
 
 
 def setup(model, ids, args, device):
-    """θ_1, the optimizer state after step 1, step 2's plans, and step 2's record (θ_1, g_2, m_2, v_2)."""
+    """The two-step recipe, its training microbatches and its HVP microbatches."""
     recipe = Recipe(steps=2, microbatch_size=args.micro)
     examples, weights = examples_for(ids), torch.ones(len(ids))
     plan = plan_steps(examples, weights, recipe, device, torch.float32)
@@ -103,14 +106,15 @@ def measure(model, ids, args, device) -> dict:
     out = _medians("sft", sft) | _medians("forward", fwd) | _medians("reverse", rev)
     sft_s = out["sft_step_s"]
     out |= {"forward_over_sft": out["forward_step_s"] / sft_s, "reverse_over_sft": out["reverse_step_s"] / sft_s}
-    out["reverse_over_sft_each"] = [r[0] / s[0] for r, s in zip(rev, sft)]
+    out["reverse_over_sft_each"] = [r[0] / s[0] for r, s in zip(rev, sft)]  # each interleaved pair
+    out["reverse_over_sft_paired"] = statistics.median(out["reverse_over_sft_each"])
     if device.type == "cpu":
         out["cpu_time_ratios"] = {k: out[f"{k}_step_cpu_s"] / out["sft_step_cpu_s"] for k in ("forward", "reverse")}
     return out | {"profile": summarise(prof, device, out["reverse_step_s"], sft_s, args.top)}
 
 
 def _seconds(fn, device) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one call (CPU time: the steadier figure on a shared CPU)."""
+    """Wall-clock and process CPU seconds of one call (CPU time: blind to other jobs' time slices)."""
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     fn()
@@ -180,7 +184,7 @@ def show(res: dict) -> None:
     p = res["profile"]
     print(f"\nplain SFT step {res['sft_step_s']:.3f} s; engine forward step {res['forward_step_s']:.3f} s "
           f"({res['forward_over_sft']:.2f} SFT); reverse step {res['reverse_step_s']:.3f} s "
-          f"({res['reverse_over_sft']:.2f} SFT)")  # fmt: skip
+          f"({res['reverse_over_sft']:.2f} SFT; median of the pairs {res['reverse_over_sft_paired']:.2f})")  # fmt: skip
     if "cpu_time_ratios" in res:
         r = res["cpu_time_ratios"]
         print(f"by process CPU time: forward {r['forward']:.2f} SFT, reverse {r['reverse']:.2f} SFT")
