@@ -17,17 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dpg.data import read_texts
+from dpg.data import read_texts, row_slice
 from dpg.errors import DpgError
 from dpg.sampling import write_samples
-
-
-def rows_slice(spec: str, n: int) -> slice:
-    start, _, stop = spec.partition(":")
-    piece = slice(int(start) if start else None, int(stop) if stop else None)
-    if len(range(n)[piece]) == 0:
-        raise DpgError(f"--rows {spec} selects no row of {n}")
-    return piece
 
 
 def main() -> None:
@@ -40,7 +32,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="the samples file (.jsonl or .parquet)")
     args = ap.parse_args()
     texts, _ = read_texts(args.file, args.column)
-    piece = rows_slice(args.rows, len(texts))
+    piece = row_slice(args.rows, "--rows")
+    if not texts[piece]:
+        raise DpgError(f"--rows {args.rows} selects no row of the {len(texts)} in {args.file}")
     prompts = read_texts(args.file, args.prompt_column)[0][piece] if args.prompt_column else None
     texts = texts[piece]
     name = args.name or f"reference:{Path(args.file).name}:{args.column}"

@@ -95,6 +95,18 @@ def utf8_text(path: Path) -> str:
         ) from None
 
 
+def row_slice(spec: str, key: str) -> slice:
+    """Rows of a text source as a Python slice "start:stop" (e.g. "-256:"); `key` names the
+    setting in the error."""
+    try:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        if len(parts) != 2:
+            raise ValueError
+    except ValueError:
+        raise DpgError(f"{key} must be a slice 'start:stop' of integers, got {spec!r}") from None
+    return slice(*parts)
+
+
 def read_texts(path: str | Path, field: str = "text") -> tuple[list[str], list[str] | None]:
     """Texts from a file. Returns (texts, prompts or None).
 

@@ -28,7 +28,7 @@ from torch.overrides import _get_current_function_mode_stack  # torch's checkpoi
 from torch.utils._device import DeviceContext
 from torch.utils.checkpoint import checkpoint
 
-from dpg.data import encode_texts, read_texts
+from dpg.data import encode_texts, read_texts, row_slice
 from dpg.errors import DpgError
 from dpg.metagrad.engine import Examples
 
@@ -322,16 +322,6 @@ class MetricConfig:
     max_length: int = 128  # lm_loss: tokens per text, at most
 
 
-def _rows(spec: str) -> slice:
-    try:
-        parts = [int(p) if p.strip() else None for p in spec.split(":")]
-        if len(parts) != 2:
-            raise ValueError
-    except ValueError:
-        raise DpgError(f"metric.texts_rows must be a slice 'start:stop' of integers, got {spec!r}") from None
-    return slice(*parts)
-
-
 KNOWN_METRICS = ("pattern", "l2", "lm_loss", "module:function")
 
 
@@ -345,7 +335,7 @@ def build_metric(config: MetricConfig, model: nn.Module, tokenizer) -> Callable[
         texts, prompts = list(config.texts), [""] * len(config.texts)
         if config.texts_file is not None:
             file_texts, file_prompts = read_texts(config.texts_file, config.texts_field)
-            rows = _rows(config.texts_rows)
+            rows = row_slice(config.texts_rows, "metric.texts_rows")
             file_texts, file_prompts = file_texts[rows], file_prompts and file_prompts[rows]
             if not file_texts:
                 raise DpgError(f"metric.texts_rows={config.texts_rows!r} selects no rows of {config.texts_file}")
