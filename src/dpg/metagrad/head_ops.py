@@ -99,7 +99,7 @@ class HeadObjective(torch.autograd.Function):
 def head_objective_grads(h, h_dot, weight, bias, t_weight, t_bias, labels, c, needs, chunk):
     """HeadObjective's work: (d, h̄, ḣ̄, W̄, b̄); an unwanted gradient is an empty tensor."""
     def want(flag, like):
-        return torch.zeros_like(like) if flag and like is not None else like.new_empty(0)
+        return torch.zeros_like(like) if flag else like.new_empty(0)
 
     d = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
     gh, ghd, gw = want(needs[0], h), want(needs[1] and h_dot is not None, h), want(needs[2], weight)
