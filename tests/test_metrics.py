@@ -405,6 +405,11 @@ def test_build_metric(tmp_path):
     refs = [hf_loss(model, tok, t) for t in texts]
     ref = sum(loss * c for loss, c in refs) / sum(c for _, c in refs)
     assert lm(params).item() == pytest.approx(-ref, rel=1e-12)
+    # metric.chunk: texts per pass, the same Φ (chunks of 2 and 1 against one pass of 3)
+    lm2 = build_metric(MetricConfig(name="lm_loss", texts=texts, chunk=2), model, tok)
+    assert lm2.chunk == 2 and lm2(params).item() == pytest.approx(-ref, rel=1e-12)
+    with pytest.raises(DpgError, match="metric.chunk"):
+        build_metric(MetricConfig(name="lm_loss", texts=texts, chunk=0), model, tok)
     with pytest.raises(DpgError, match="texts"):
         build_metric(MetricConfig(name="lm_loss"), model, tok)
     with pytest.raises(DpgError) as err:

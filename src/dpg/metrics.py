@@ -279,12 +279,16 @@ class LMLossMetric:
 
 
 def lm_loss_metric(
-    model: nn.Module, tokenizer, texts: list[str], max_length: int = 128, prompts: list[str] | None = None
-) -> LMLossMetric:
-    """Token cross-entropy on `texts` (each after its prompt, if given; prompts are not scored)."""
+    model: nn.Module, tokenizer, texts: list[str], max_length: int = 128, prompts: list[str] | None = None,
+    chunk: int = 16,
+) -> LMLossMetric:  # fmt: skip
+    """Token cross-entropy on `texts` (each after its prompt, if given; prompts are not scored),
+    `chunk` texts per forward pass."""
     if not texts:
         raise DpgError("the lm_loss metric needs at least one text")
-    return LMLossMetric(model, encode_texts(tokenizer, texts, max_length, prompts=prompts))
+    if chunk < 1:
+        raise DpgError(f"metric.chunk must be at least 1, got {chunk}")
+    return LMLossMetric(model, encode_texts(tokenizer, texts, max_length, prompts=prompts), chunk=chunk)
 
 
 def custom_metric(spec: str) -> Callable[[Params], Tensor]:
@@ -320,6 +324,7 @@ class MetricConfig:
     texts_field: str = "text"  # lm_loss: JSONL/Parquet field or TSV column (name or number) of texts_file
     texts_rows: str = ":"  # lm_loss: rows of texts_file to use, a Python slice "start:stop" (e.g. "-256:")
     max_length: int = 128  # lm_loss: tokens per text, at most
+    chunk: int = 16  # lm_loss: texts per forward pass (more: fewer passes, more memory; same Φ up to rounding)
 
 
 KNOWN_METRICS = ("pattern", "l2", "lm_loss", "module:function")
@@ -343,7 +348,9 @@ def build_metric(config: MetricConfig, model: nn.Module, tokenizer) -> Callable[
             prompts += file_prompts or [""] * len(file_texts)
         if not texts:
             raise DpgError("metric lm_loss needs metric.texts or metric.texts_file")
-        return lm_loss_metric(model, tokenizer, texts, config.max_length, prompts if any(prompts) else None)
+        return lm_loss_metric(
+            model, tokenizer, texts, config.max_length, prompts if any(prompts) else None, config.chunk
+        )
     if ":" in config.name:
         return custom_metric(config.name)
     raise DpgError(f"unknown metric {config.name!r}; known: {', '.join(KNOWN_METRICS)}")
