@@ -24,6 +24,7 @@ from dpg.config import TrainConfig
 from dpg.data import ascii_only, encode_texts, load_prompts
 from dpg.errors import DpgError
 from dpg.metagrad.engine import fine_tune
+from dpg.metagrad.records import proxy_figures
 from dpg.metrics import build_metric
 from dpg.models import ModelConfig, load
 from dpg.report import results_table, save_pattern
@@ -95,8 +96,8 @@ def measure_samples(cfg: TrainConfig, name: str, seed: int, samples: list[str]) 
     everything = {k: p.detach().to(device, dtype) for k, p in target.named_parameters()} | trained
     with torch.no_grad():
         phi = metric(everything).item()
-        proxy_fn, decode = getattr(metric, "proxy", None), getattr(metric, "decode", None)
-        proxy = proxy_fn(everything) if callable(proxy_fn) else {}
+        decode = getattr(metric, "decode", None)
+        proxy = proxy_figures(metric, everything, phi)
         decoded = decode(everything).cpu() if callable(decode) else None
     if not math.isfinite(phi):
         raise DpgError(f"transfer check of {name}: Φ is not finite ({phi})")

@@ -2,7 +2,8 @@
 
 A metric is any callable over a dict of ALL the target's parameters (names as in
 `model.named_parameters()`); it may carry `proxy(params) -> dict[str, float]` with readable
-figures. The metrics of the paper:
+figures, and `proxy_from_phi(phi) -> dict` when they are a function of Φ alone (the engine then
+skips the proxy's own pass through the model). The metrics of the paper:
 
   pattern   a ±1 image S written into a block of the LM head, measured on the change from the
             initial weights: Φ = −mean softplus(−k·S·ΔB). Rows of S are hidden dims, columns
@@ -174,6 +175,9 @@ class L2Metric:
     def proxy(self, params: Params) -> dict[str, float]:
         return {"l2_norm": float(torch.linalg.vector_norm(params[self.head].detach()))}
 
+    def proxy_from_phi(self, phi: float) -> dict[str, float]:
+        return {"l2_norm": -phi}
+
 
 def l2_metric(model: nn.Module) -> L2Metric:
     return L2Metric(head_param_name(model))
@@ -274,8 +278,11 @@ class LMLossMetric:
 
     def proxy(self, params: Params) -> dict[str, float]:
         with torch.no_grad():
-            loss = float(self.loss(params))
-        return {"loss": loss, "perplexity": float(torch.tensor(loss, dtype=torch.float64).exp())}
+            return self.proxy_from_phi(float(self(params)))
+
+    def proxy_from_phi(self, phi: float) -> dict[str, float]:
+        """The proxy from Φ itself (loss = −Φ): the engine, which has Φ, need not run the texts again."""
+        return {"loss": -phi, "perplexity": float(torch.tensor(-phi, dtype=torch.float64).exp())}
 
 
 def lm_loss_metric(

@@ -38,7 +38,7 @@ from dpg.errors import DpgError
 from dpg.metagrad.parallel import data_parallel_group, summed
 from dpg.metagrad.engine import Examples, Recipe, example_metagrads, fine_tune
 from dpg.metagrad.precision import tf32_matmuls
-from dpg.metagrad.records import check_metric_value
+from dpg.metagrad.records import check_metric_value, proxy_figures
 
 
 def inverse_groups(n: int, num_generations: int) -> list[Tensor]:
@@ -231,10 +231,8 @@ class InnerRunReward:
             phi = self.metric(everything)
         check_metric_value(phi, "the metric", "after the inner run", needs_grad=False)
         self._decode(everything)
-        proxy_fn = getattr(self.metric, "proxy", None)
-        row = {"phi": phi.item()} | (
-            {f"proxy/{k}": v for k, v in proxy_fn(everything).items()} if callable(proxy_fn) else {}
-        )
+        proxy = proxy_figures(self.metric, everything, phi.item())
+        row = {"phi": phi.item()} | {f"proxy/{k}": v for k, v in proxy.items()}
         return torch.full((len(examples.input_ids),), phi.item(), dtype=torch.float64), row
 
     def _decode(self, params: dict[str, Tensor]) -> None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from dpg.errors import DpgError
 from dpg.metagrad import optim, schedule
 from dpg.metagrad.inner import ScheduledRun, Step, train_step
+from dpg.metagrad.phi import metric_before, value_and_grad
 from dpg.metagrad.parallel import smallest, summed
 from dpg.metagrad.records import (
     Examples,
@@ -38,7 +39,6 @@ from dpg.metagrad.records import (
     TrainResult,
     check_hvp_microbatch_size,
     check_inputs,
-    check_metric_value,
     check_scores,
     explain_not_finite,
     make_examples,
@@ -116,7 +116,7 @@ def example_metagrads(
         total += len(plan[0].microbatches) + sum(len(s.microbatches) for s in hvp_plan[1:])
         with tqdm(total=total, disable=not progress, desc="metagradient", unit="mb") as bar:
             run = ScheduledRun(target, opt, plan, sched.actions, store, bar, timings, group=group)
-            result = _metagrads(target, run, hvp_plan, metric, timings, len(weights), on_trained)
+            result = _metagrads(model, target, run, hvp_plan, metric, timings, len(weights), on_trained)
         check_scores(result.scores, dtype)
     timings["total"] = time.perf_counter() - start
     return _with_diagnostics(result, timings, device, sched, recipe.steps, store)
@@ -171,20 +171,22 @@ def _schedule(
 
 
 def _metagrads(
-    target: Target, run: ScheduledRun, hvp_plan: list[Step], metric: Metric, timings: dict[str, float], n: int,
-    on_trained: Callable[[Params], None] | None,
+    model: nn.Module, target: Target, run: ScheduledRun, hvp_plan: list[Step], metric: Metric,
+    timings: dict[str, float], n: int, on_trained: Callable[[Params], None] | None,
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
     try:
         with _phase(timings, "metric", device):
-            # Φ(θ_0), and which parameters Φ reads: a metric on the (untied) LM head alone,
-            # with M = 1, is scored from the training pass's own hidden states.
-            phi0, support = _metric_probe(metric, target)
-        run.stash_hidden = len(run.plan) == 1 and head_only(target, support)
+            # Φ(θ_0) (kept from the last call while metric and θ_0 are unchanged: phi.py), and
+            # where it can matter, which parameters Φ reads: a metric on the (untied) LM head
+            # alone, with M = 1, is scored from the training pass's own hidden states.
+            splittable = len(run.plan) == 1 and head_only(target, ())  # could any support be the head alone?
+            phi0, support = metric_before(metric, model, target, want_support=splittable)
+        run.stash_hidden = splittable and head_only(target, support)
         with _phase(timings, "train", device):
             params, losses = run.forward()
         with _phase(timings, "metric", device):
-            phi, adj, proxy = _metric_value_and_grad(metric, target, params)
+            phi, adj, proxy = value_and_grad(metric, target, params)
         if on_trained is not None:
             on_trained({**target.frozen, **params})
         del params
@@ -259,43 +261,6 @@ def plan_steps(
             )
         plan.append(Step(len(idx), mbs))
     return plan
-
-
-def _metric_probe(metric: Metric, target: Target) -> tuple[float, set[str]]:
-    """Φ(θ_0) and the trainable parameters Φ depends on, from the forward graph alone."""
-    phi, leaves = _metric_forward(metric, target, target.params, "before the inner run")
-    reached, seen, stack = set(), set(), [phi.grad_fn]
-    while stack:  # AccumulateGrad nodes hold the leaves the graph reaches
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            reached.add(id(node.variable))
-        stack.extend(fn for fn, _ in node.next_functions)
-    return phi.item(), {k for k, v in leaves.items() if id(v) in reached}
-
-
-def _metric_forward(metric: Metric, target: Target, params: Params, when: str) -> tuple[Tensor, Params]:
-    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-    with torch.enable_grad():
-        phi = metric({**target.frozen, **leaves})
-    check_metric_value(phi, "the metric", when)
-    return phi, leaves
-
-
-def _metric_value_and_grad(metric: Metric, target: Target, params: Params) -> tuple[float, Params, dict]:
-    phi, leaves = _metric_forward(metric, target, params, "after the inner run")
-    grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
-    adj = {k: g for k, g in zip(leaves, grads) if g is not None}
-    if not adj:
-        raise DpgError("the metric does not depend on any trainable weight of the target")
-    bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
-    if bad:
-        raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
-    proxy_fn = getattr(metric, "proxy", None)
-    figures = proxy_fn({**target.frozen, **params}) if callable(proxy_fn) else {}
-    return phi.item(), adj, figures
 
 
 def _global_sizes(plan: list[Step], group: dist.ProcessGroup | None, device: torch.device) -> list[Step]:

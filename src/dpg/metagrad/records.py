@@ -235,3 +235,14 @@ def check_metric_value(phi: Any, name: str = "the metric", when: str = "", needs
         raise NotFinite(f"{name} is not finite{' ' + when if when else ''}: Φ = {phi.item()}")
     if needs_grad and not phi.requires_grad:
         raise DpgError(f"{name} does not depend on any trainable weight of the target")
+
+
+def proxy_figures(metric: Any, params: Params, phi: float) -> dict[str, float]:
+    """A metric's readable figures at `params`, where Φ(params) = `phi` is known: from Φ alone
+    when the metric says how (`proxy_from_phi`: no pass through the model again), else its
+    `proxy(params)`; none if it has neither."""
+    from_phi = getattr(metric, "proxy_from_phi", None)
+    if callable(from_phi):
+        return from_phi(phi)
+    proxy = getattr(metric, "proxy", None)
+    return proxy(params) if callable(proxy) else {}

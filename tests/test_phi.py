@@ -1,0 +1,100 @@
+"""The engine's metric passes (metagrad/phi.py): Φ(θ_0) kept between calls only while nothing
+it depends on changed, and a proxy that is a function of Φ read from Φ."""
+
+import math
+
+import pytest
+import torch
+
+from dpg import Recipe, example_metagrads, make_examples
+from dpg.metrics import LMLossMetric
+from reference import VOCAB, tiny_model, unrolled_scores
+
+
+class NormMetric:
+    """Φ = −‖W_head‖, counting its calls; `proxy` counts too (it has no proxy_from_phi)."""
+
+    def __init__(self, model):
+        head = model.get_output_embeddings().weight
+        self.name = next(n for n, p in model.named_parameters() if p is head)
+        self.calls, self.proxies = 0, 0
+
+    def __call__(self, params):
+        self.calls += 1
+        return -torch.linalg.vector_norm(params[self.name])
+
+    def proxy(self, params):
+        self.proxies += 1
+        return {"norm": float(torch.linalg.vector_norm(params[self.name]))}
+
+
+def examples(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return make_examples([torch.randint(1, VOCAB, (6,), generator=g).tolist() for _ in range(n)])
+
+
+def head_norm(model):
+    return torch.linalg.vector_norm(model.get_output_embeddings().weight.detach()).item()
+
+
+@pytest.mark.parametrize("tied", [False, True])  # untied: Φ's support is probed; tied: the value alone
+def test_phi_before_is_kept_while_nothing_changed_and_measured_afresh_after(tied):
+    model, recipe = tiny_model("gpt2", tied), Recipe(lr=1e-2)
+    metric = NormMetric(model)
+    first = example_metagrads(model, examples(), recipe, metric, dtype=torch.float64)
+    assert first.metric_before == pytest.approx(-head_norm(model), rel=1e-14)
+    assert metric.calls == 2  # Φ(θ_0) and Φ(θ_1)
+    again = example_metagrads(model, examples(), recipe, metric, dtype=torch.float64)
+    assert metric.calls == 3  # Φ(θ_1) alone: Φ(θ_0) was kept
+    assert again.metric_before == first.metric_before and torch.equal(again.scores, first.scores)
+
+    with torch.no_grad():  # an in-place edit of a weight Φ reads
+        model.get_output_embeddings().weight.mul_(1.5)
+    edited = example_metagrads(model, examples(), recipe, metric, dtype=torch.float64)
+    assert metric.calls == 5
+    assert edited.metric_before == pytest.approx(-head_norm(model), rel=1e-14)
+    assert edited.metric_before == pytest.approx(1.5 * first.metric_before, rel=1e-14)
+
+    other = NormMetric(model)  # another metric object: measured, though it computes the same
+    example_metagrads(model, examples(), recipe, other, dtype=torch.float64)
+    assert other.calls == 2
+    with torch.no_grad():  # any weight of the target (untied: one Φ does not read; the scores change)
+        model.get_input_embeddings().weight[1] += 0.25
+    res = example_metagrads(model, examples(), recipe, other, dtype=torch.float64)
+    assert other.calls == 4 and res.metric_before == pytest.approx(-head_norm(model), rel=1e-14)
+    example_metagrads(model, examples(), recipe, other, dtype=torch.float32)  # another dtype
+    assert other.calls == 6
+
+
+def test_a_kept_phi_before_still_gives_exact_scores_after_an_edit():
+    model, recipe = tiny_model("gpt2", False), Recipe(lr=1e-2)
+    metric = NormMetric(model)
+    example_metagrads(model, examples(), recipe, metric, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    res = example_metagrads(model, examples(), recipe, metric, dtype=torch.float64)
+    ref, phi = unrolled_scores(model, examples(), recipe, metric)
+    assert float((res.scores - ref).norm() / ref.norm()) < 1e-8
+    assert res.metric == pytest.approx(phi, rel=1e-12)
+    assert res.metric_before == pytest.approx(-head_norm(model), rel=1e-14)
+
+
+def test_proxy_from_phi_spares_a_pass_and_a_custom_proxy_still_runs():
+    model = tiny_model("gpt2", False)
+    g = torch.Generator().manual_seed(5)
+    texts = make_examples([torch.randint(1, VOCAB, (5,), generator=g).tolist() for _ in range(3)])
+    lm = LMLossMetric(model, texts, chunk=2)
+    passes = []
+    real = LMLossMetric.loss
+    LMLossMetric.loss = lambda self, params: passes.append(1) or real(self, params)
+    try:
+        res = example_metagrads(model, examples(), Recipe(lr=1e-2), lm, dtype=torch.float64)
+        assert len(passes) == 2  # Φ(θ_0) and Φ(θ_1): no third pass for the proxy
+        assert res.proxy["loss"] == -res.metric
+        assert res.proxy["perplexity"] == pytest.approx(math.exp(-res.metric), rel=1e-15)
+    finally:
+        LMLossMetric.loss = real
+    custom = NormMetric(model)
+    res = example_metagrads(model, examples(), Recipe(lr=1e-2), custom, dtype=torch.float64)
+    assert custom.proxies == 1 and res.proxy["norm"] == pytest.approx(-res.metric, rel=1e-14)
