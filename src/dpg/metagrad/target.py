@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.activations import NewGELUActivation
 
 from dpg.errors import DpgError
+from dpg.metagrad import fused
 from dpg.metagrad.head_ops import HeadObjective, LayerNormFromPrimitives, token_tangents
 
 Params = dict[str, Tensor]
@@ -60,6 +60,7 @@ class Target(NamedTuple):
     head_tied: bool  # the head weight is also the input embedding
     trunk: nn.Module | None  # the body with logits = head(trunk(x)), or None: run the whole model
     prefix: str  # parameter-name prefix of the trunk ("transformer.", "model.")
+    buffers: Params = {}  # floating-point buffers (rotary frequencies, ...): a zero tangent in forward mode
 
 
 @contextlib.contextmanager
@@ -87,7 +88,7 @@ def prepared(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Iter
     # through the lookups that its gradient skips, and the scores were wrong by O(1). Inside
     # the engine the pad row is trained like every other row, in every pass.
     pads = [(m, m.padding_idx) for m in module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
-    gelus = _fuse_gelu(module)
+    swapped = fused.swap(module, dtype)  # GELU, RMSNorm: one fused op each (fused.py)
     try:
         module.eval()
         for m, _ in pads:
@@ -97,35 +98,10 @@ def prepared(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Iter
     finally:
         for m, idx in pads:
             m.padding_idx = idx
-        for parent, name, act in gelus:
-            setattr(parent, name, act)
+        fused.restore(swapped)
         module.train(was_training)
         if attn is not None and _attn_implementation(module) != attn:
             module.set_attn_implementation(attn)
-
-
-class _TanhGelu(nn.Module):
-    """GPT-2's activation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) as torch's one fused op."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x, approximate="tanh")
-
-
-def _fuse_gelu(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Swap HF's NewGELUActivation (the formula in seven elementwise ops) for the same
-    function as one op, returning what to put back. The reverse-over-forward pass carries a
-    tangent through each op and differentiates each again: on the MLP's 4·d-wide activations
-    those ops were most of its elementwise time (benchmarks/reverse_profile.py). The two
-    differ by rounding; every pass of the engine runs the fused one."""
-    found = [
-        (parent, name, child)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if type(child) is NewGELUActivation
-    ]
-    for parent, name, _ in found:
-        setattr(parent, name, _TanhGelu())
-    return found
 
 
 def _attn_implementation(module: nn.Module) -> str | None:
@@ -144,13 +120,29 @@ def _describe(model: nn.Module, module: nn.Module, trainable: list[str]) -> Targ
     names = {id(p): n for n, p in module.named_parameters()}
     head = names.get(id(getattr(out, "weight", None)))
     if head is None:  # no identifiable LM head: the whole model runs in every pass
-        return Target(module, params, frozen, None, None, False, None, "")
+        return Target(module, params, frozen, None, None, False, None, "", _float_buffers(module))
     bias = names.get(id(getattr(out, "bias", None)))
     tied = out.weight is module.get_input_embeddings().weight
     if model not in _SPLITS:
         _SPLITS[model] = _split(module, out)[0] is not None
     trunk, prefix = (module.base_model, module.base_model_prefix + ".") if _SPLITS[model] else (None, "")
-    return Target(module, params, frozen, head, bias, tied, trunk, prefix)
+    return Target(module, params, frozen, head, bias, tied, trunk, prefix, _float_buffers(module))
+
+
+def _float_buffers(module: nn.Module) -> Params:
+    """The buffers a forward-mode pass gives a zero tangent (`with_zero_tangents`)."""
+    return {n: b for n, b in module.named_buffers() if b.is_floating_point()}
+
+
+def with_zero_tangents(target: Target, primals: Params, tangents: Params) -> tuple[Params, Params]:
+    """A forward-mode pass's primals and tangents, plus the floating-point buffers with an exact
+    zero tangent. A constant's missing tangent is no cost to autograd's formulas, but each op
+    between it and a tangent-carrying tensor (Llama's q·cos, k·sin: four a layer) builds a
+    zero tangent whose shape torch works out through Python reference kernels, ~0.3 ms of host
+    time an op; a zero tangent on the rotary frequencies makes cos and sin carry one from the
+    start, once a pass. Adding the exact zeros it contributes changes no value."""
+    zeros = {k: torch.zeros_like(b) for k, b in target.buffers.items()}
+    return primals | target.buffers, tangents | zeros
 
 
 def _split(module: nn.Module, head: nn.Module) -> tuple[nn.Module | None, str]:
@@ -328,8 +320,9 @@ def tangent_scores(target: Target, params: Params, tangent: Params, mb: Microbat
         def losses(a: Params) -> Tensor:
             return example_losses(target, {**rest, **a}, mb)
 
+        primals, tangents = with_zero_tangents(target, active, tangent)
         with higher_order():
-            return jvp(losses, (active,), (tangent,))[1]
+            return jvp(losses, (primals,), (tangents,))[1]
     into_trunk = {k: t for k, t in tangent.items() if k.startswith(target.prefix)}
     if not into_trunk:
         with torch.no_grad():
@@ -340,8 +333,9 @@ def tangent_scores(target: Target, params: Params, tangent: Params, mb: Microbat
     def hidden(a: Params) -> Tensor:
         return label_hidden(target, {**others, **a}, mb)
 
+    primals, tangents = with_zero_tangents(target, trunk_active, into_trunk)
     with higher_order():
-        h, h_dot = jvp(hidden, (trunk_active,), (into_trunk,))
+        h, h_dot = jvp(hidden, (primals,), (tangents,))
     return head_tangent_scores(target, params, tangent, h, mb, hidden_tangent=h_dot)
 
 
@@ -369,9 +363,8 @@ def hvp_and_tangent_scores(
     def objective(p: Params) -> tuple[Tensor, Tensor]:
         if into_trunk:
             rest = {k: v for k, v in p.items() if k not in into_trunk}
-            h, h_dot = jvp(
-                lambda a: label_hidden(target, {**rest, **a}, mb), ({k: p[k] for k in into_trunk},), (into_trunk,)
-            )
+            primals, tangents = with_zero_tangents(target, {k: p[k] for k in into_trunk}, into_trunk)
+            h, h_dot = jvp(lambda a: label_hidden(target, {**rest, **a}, mb), (primals,), (tangents,))
         else:
             h, h_dot = label_hidden(target, p, mb), None
         weight, bias = _head(target, p)
