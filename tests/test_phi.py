@@ -86,15 +86,37 @@ def test_proxy_from_phi_spares_a_pass_and_a_custom_proxy_still_runs():
     texts = make_examples([torch.randint(1, VOCAB, (5,), generator=g).tolist() for _ in range(3)])
     lm = LMLossMetric(model, texts, chunk=2)
     passes = []
-    real = LMLossMetric.loss
-    LMLossMetric.loss = lambda self, params: passes.append(1) or real(self, params)
+    real = LMLossMetric._ce_sum
+    LMLossMetric._ce_sum = lambda self, *a: passes.append(1) or real(self, *a)
     try:
         res = example_metagrads(model, examples(), Recipe(lr=1e-2), lm, dtype=torch.float64)
-        assert len(passes) == 2  # Φ(θ_0) and Φ(θ_1): no third pass for the proxy
+        # two chunks a pass: Φ(θ_0) (no graph) and Φ(θ_1) with its gradient, chunk by chunk:
+        # no recomputed forward, no third pass for the proxy
+        assert len(passes) == 4
         assert res.proxy["loss"] == -res.metric
         assert res.proxy["perplexity"] == pytest.approx(math.exp(-res.metric), rel=1e-15)
     finally:
-        LMLossMetric.loss = real
+        LMLossMetric._ce_sum = real
     custom = NormMetric(model)
     res = example_metagrads(model, examples(), Recipe(lr=1e-2), custom, dtype=torch.float64)
     assert custom.proxies == 1 and res.proxy["norm"] == pytest.approx(-res.metric, rel=1e-14)
+
+
+def test_lm_loss_value_and_grad_equals_autograd_through_the_checkpointed_loss():
+    model = tiny_model("llama", True)
+    model.train()  # the caller's mode: the metric runs without dropout whatever it is, and leaves it
+    g = torch.Generator().manual_seed(2)
+    texts = make_examples([torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 3, 6, 4, 6)])
+    metric = LMLossMetric(model, texts, chunk=2)  # three chunks, the last one short
+    params = {k: p.detach() + 0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+              for k, p in model.named_parameters()}  # fmt: skip
+    leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
+    phi = metric(leaves)
+    ref = dict(zip(leaves, torch.autograd.grad(phi, list(leaves.values()))))
+    wrt = [k for k in params if "layers.1" in k or "embed" in k]
+    value, grads = metric.value_and_grad(params, wrt)
+    assert value.item() == pytest.approx(phi.item(), rel=1e-14) and not value.requires_grad
+    assert set(grads) == set(wrt)
+    for k in wrt:
+        assert float((grads[k] - ref[k]).norm() / ref[k].norm()) < 1e-13
+    assert model.training and all(m.training for m in model.modules())

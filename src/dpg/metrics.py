@@ -239,6 +239,40 @@ class LMLossMetric:
     chunk: int = 16  # texts per forward pass (and per recomputation in backward)
 
     def loss(self, params: Params) -> Tensor:
+        weights, chunks = self._prepared(params)
+        parts = []
+        for ids, attn, pos in chunks:
+            if torch.is_grad_enabled():
+                parts.append(
+                    checkpoint(self._ce_sum, weights, ids, attn, pos, use_reentrant=False, context_fn=_kernels_as_now)
+                )
+            else:
+                parts.append(self._ce_sum(weights, ids, attn, pos))
+        return torch.stack(parts).sum() / self._label_count()
+
+    def value_and_grad(self, params: Params, wrt: list[str]) -> tuple[Tensor, Params]:
+        """Φ(params) and ∂Φ/∂params[k] for each k in `wrt` (None where Φ does not read it), one
+        chunk's forward and backward at a time: what autograd through `self(params)` gives, to
+        rounding, without checkpointing's second forward of every chunk. The engine calls it
+        when a metric has it (metagrad/phi.py)."""
+        weights, chunks = self._prepared(params)
+        leaves = {k: weights[k].detach().requires_grad_(True) for k in wrt}
+        weights |= leaves
+        scale = -1.0 / self._label_count()  # dΦ/d(a chunk's Σ cross-entropy)
+        total, grads = None, dict.fromkeys(leaves)
+        for ids, attn, pos in chunks:
+            with torch.enable_grad():
+                part = self._ce_sum(weights, ids, attn, pos)
+                seed = torch.full_like(part, scale)
+                chunk_grads = torch.autograd.grad(part, list(leaves.values()), seed, allow_unused=True)
+            for k, g in zip(leaves, chunk_grads):
+                grads[k] = g if grads[k] is None or g is None else grads[k].add_(g)
+            total = part.detach() if total is None else total + part.detach()
+        return total * scale, grads
+
+    def _prepared(self, params: Params) -> tuple[Params, list[tuple[Tensor, Tensor, Tensor]]]:
+        """The weights to run (params and the model's buffers) and each chunk's (ids, mask, label
+        positions), on the params' device."""
         first = next(iter(params.values()))
         device, dtype = first.device, first.dtype
         # Buffers (e.g. RoPE frequencies) follow the params, as `model.to(device, dtype)` would
@@ -246,32 +280,34 @@ class LMLossMetric:
         buffers = {
             n: b.to(device, dtype) if b.is_floating_point() else b.to(device) for n, b in self.model.named_buffers()
         }
-        weights = {**buffers, **params}
-        parts = []
+        chunks = []
         for lo in range(0, len(self.examples.input_ids), self.chunk):
-            ids, attn, labels = (x[lo : lo + self.chunk].to(device) for x in self.examples)
-            if torch.is_grad_enabled():
-                parts.append(
-                    checkpoint(
-                        self._ce_sum, weights, ids, attn, labels, use_reentrant=False, context_fn=_kernels_as_now
-                    )
-                )
-            else:
-                parts.append(self._ce_sum(weights, ids, attn, labels))
-        return torch.stack(parts).sum() / int(self.examples.loss_mask[:, 1:].sum())  # label tokens, counted on CPU
+            ids, attn, labels = (x[lo : lo + self.chunk] for x in self.examples)
+            # flat positions of the label tokens in the chunk's (texts × (T − 1)) grid, found on
+            # the CPU: selecting them on the device needs no wait for it (a boolean mask does)
+            pos = labels[:, 1:].flatten().nonzero().flatten()
+            chunks.append((ids.to(device), attn.to(device), pos.to(device)))
+        return {**buffers, **params}, chunks
 
-    def _ce_sum(self, weights: Params, ids: Tensor, attn: Tensor, labels: Tensor) -> Tensor:
+    def _label_count(self) -> int:
+        return int(self.examples.loss_mask[:, 1:].sum())  # label tokens, counted on CPU
+
+    def _ce_sum(self, weights: Params, ids: Tensor, attn: Tensor, pos: Tensor) -> Tensor:
         """Σ cross-entropy over one chunk's label tokens (run again in backward: no side effects)."""
         was_training = self.model.training
-        self.model.eval()  # dropout off, here and in the recomputation: Φ is a function of the params
+        # dropout off, here and in the recomputation: Φ is a function of the params (a model
+        # already in eval mode, as the engine runs it, is not walked twice a chunk)
+        toggle = any(m.training for m in self.model.modules())
+        if toggle:
+            self.model.eval()
         try:
             inputs = {"input_ids": ids, "attention_mask": attn, "use_cache": False}
             out = functional_call(self.model, weights, (), inputs)
         finally:
-            self.model.train(was_training)
-        logits = out.logits[:, :-1]  # (n, T-1, V): position t predicts token t+1
-        ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        return ce[labels[:, 1:].flatten()].sum()
+            if toggle:
+                self.model.train(was_training)
+        logits = out.logits[:, :-1].flatten(0, 1).index_select(0, pos)  # position t predicts token t+1
+        return F.cross_entropy(logits, ids[:, 1:].flatten().index_select(0, pos), reduction="sum")
 
     def __call__(self, params: Params) -> Tensor:
         return -self.loss(params)

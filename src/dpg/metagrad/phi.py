@@ -92,10 +92,18 @@ def _forward(metric: Metric, target: Target, params: Params, when: str) -> tuple
 
 
 def value_and_grad(metric: Metric, target: Target, params: Params) -> tuple[float, Params, dict[str, Any]]:
-    """Φ(θ_M), λ = ∇Φ(θ_M) over the trainable parameters Φ reads, and the proxy figures."""
-    phi, leaves = _forward(metric, target, params, "after the inner run")
-    grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
-    adj = {k: g for k, g in zip(leaves, grads) if g is not None}
+    """Φ(θ_M), λ = ∇Φ(θ_M) over the trainable parameters Φ reads, and the proxy figures. A metric
+    with its own `value_and_grad(params, names) -> (Φ, {name: gradient or None})` gives both
+    (lm_loss: chunk by chunk, no recomputed forward); any other goes through autograd."""
+    own = getattr(metric, "value_and_grad", None)
+    if callable(own):
+        phi, grads = own({**target.frozen, **params}, list(params))
+        check_metric_value(phi, "the metric", "after the inner run", needs_grad=False)
+        adj = {k: g for k, g in grads.items() if g is not None}
+    else:
+        phi, leaves = _forward(metric, target, params, "after the inner run")
+        grads = torch.autograd.grad(phi.reshape(()), list(leaves.values()), allow_unused=True)
+        adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
         raise DpgError("the metric does not depend on any trainable weight of the target")
     bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
