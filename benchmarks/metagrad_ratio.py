@@ -4,6 +4,7 @@
     python benchmarks/metagrad_ratio.py --shape tiny --device cpu   # smoke run
     python benchmarks/metagrad_ratio.py --shape smollm2-135m --tf32 --reps 2   # the paper's language/UUID reward
     python benchmarks/metagrad_ratio.py --shape deep-overhead --device cpu --threads 1   # its host cost, on a CPU
+    python benchmarks/metagrad_ratio.py --shape smollm2-135m --device cpu --examples 16 --seq-len 16 --held 8  # smoke
 
 GPT-2-small shape: 124M parameters (untied head), 1,024 sequences × 128 tokens per step in
 microbatches of 128, fp32 weights. The baseline is the plain SFT step everyone writes: HF
@@ -128,6 +129,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip", default="", help="comma-separated cases to skip: head,lm_loss,m4_head")
     ap.add_argument("--micro", type=int, default=None, help="microbatch of SFT and M = 1 (default: the shape's)")
     ap.add_argument("--chunk", type=int, default=None, help="lm_loss: held-out texts per pass (default: the shape's)")
+    ap.add_argument("--examples", type=int, default=None, help="examples of the inner step (default: the shape's)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per example and text (default: the shape's)")
+    ap.add_argument("--held", type=int, default=None, help="lm_loss: held-out texts (default: the shape's)")
     ap.add_argument("--m4-micro", type=int, default=128, help="microbatch of M = 4's training passes")
     ap.add_argument("--m4-hvp-micro", type=int, default=64, help="microbatch of M = 4's Hessian-vector products")
     ap.add_argument("--out", default="metagrad_ratio.json")
@@ -148,10 +152,10 @@ def main() -> None:
     model = build(shape, device)
     for p in model.parameters():
         p.requires_grad_(True)
-    n, t = shape["seqs"], shape["seq_len"]
+    n, t = args.examples or shape["seqs"], args.seq_len or shape["seq_len"]
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab_size"], (4 * n if "m4_head" in cases else n, t), generator=gen)
-    held_out = torch.randint(0, shape["vocab_size"], (shape.get("held", 32), t), generator=gen)
+    held_out = torch.randint(0, shape["vocab_size"], (args.held or shape.get("held", 32), t), generator=gen)
     # every token but the first is a label, as in the baseline's HF loss
     first = make_examples(ids[:n].tolist())
     metrics = {"head": lambda: pattern_metric(model, "67"),  # −loss on held-out sequences:
