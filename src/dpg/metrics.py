@@ -232,7 +232,9 @@ class LMLossMetric:
     checkpointing when a gradient is wanted: the (tokens × vocabulary) logits of all texts at
     once would be 256 × 128 × 49,152 floats (6.4 GB, three times that with softmax and
     gradient) for a SmolLM2 target and the paper's 256 held-out texts. Backward recomputes
-    one chunk at a time, so memory is one chunk's whatever the number of texts."""
+    one chunk at a time, so memory is one chunk's whatever the number of texts. The engine
+    takes Φ's gradient through `value_and_grad` instead: each chunk's forward and backward in
+    turn, the same one-chunk bound with no forward run twice."""
 
     model: nn.Module = field(repr=False)  # run by functional_call with the given params; never modified
     examples: Examples = field(repr=False)  # the texts, tokenized once, on CPU
