@@ -193,22 +193,26 @@ def main() -> None:
             results[name] = {"error": "out of memory"}
             print(f"{name}: out of memory", flush=True)
             continue
-        secs, times, res = res
+        secs, times, res, phases = res
         results[name] = {
-            "seconds": secs, "ratio": secs / base, "times": times, "timings": res.timings, "microbatch": mb_size,
-            "hvp_microbatch": hvp, "peak_memory_gb": None if res.peak_memory is None else res.peak_memory / 2**30,
+            "seconds": secs, "ratio": secs / base, "times": times, "timings": res.timings, "phases": phases,
+            "microbatch": mb_size, "hvp_microbatch": hvp,
+            "peak_memory_gb": None if res.peak_memory is None else res.peak_memory / 2**30,
         }  # fmt: skip
         report(f"metagradient {name} (M={steps})", secs, secs / base, results[name]["peak_memory_gb"])
-        print("   phases: " + ", ".join(f"{k} {v:.3f}s" for k, v in res.timings.items()), flush=True)
+        print("   phases (medians): " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items() if k != "first_call"))
+        first = phases["first_call"]
+        print("   first call (warm-up): " + ", ".join(f"{k} {v:.3f}s" for k, v in first.items()), flush=True)
 
 
 def measure(model, examples, recipe, metric, hvp, device, reps):
-    """(median seconds, every rep's seconds, the last result) of `reps` metagradients after a
-    warm-up, or None when out of memory."""
-    holder = {}
+    """(median seconds, every rep's seconds, the last result, the median of each phase over the
+    reps, and the warm-up's as "first_call") of `reps` metagradients after a warm-up, or None when out of memory."""
+    holder, timings = {}, []
 
     def run():
         holder["res"] = example_metagrads(model, examples, recipe, metric, device=device, hvp_microbatch_size=hvp)
+        timings.append(holder["res"].timings)
 
     try:
         secs, times = timed(run, device, reps)
@@ -216,7 +220,8 @@ def measure(model, examples, recipe, metric, hvp, device, reps):
         holder.clear()
         torch.cuda.empty_cache()
         return None
-    return secs, times, holder["res"]
+    phases = {k: statistics.median(t.get(k, 0.0) for t in timings[1:]) for k in timings[-1]}  # [0]: the warm-up
+    return secs, times, holder["res"], phases | {"first_call": timings[0]}
 
 
 if __name__ == "__main__":

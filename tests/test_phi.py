@@ -120,3 +120,12 @@ def test_lm_loss_value_and_grad_equals_autograd_through_the_checkpointed_loss():
     for k in wrt:
         assert float((grads[k] - ref[k]).norm() / ref[k].norm()) < 1e-13
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_a_gradient_not_finite_is_named():
+    from dpg import DpgError
+
+    model = tiny_model("gpt2", False)
+    # Φ = √(0·w): finite (0) at every θ, its gradient 0·∞ = NaN in the head weight alone
+    with pytest.raises(DpgError, match=r"the metric's gradient is not finite in \['lm_head.weight'\]"):
+        example_metagrads(model, examples(), Recipe(lr=1e-2), lambda p: (p["lm_head.weight"][0, 0] * 0.0).sqrt())

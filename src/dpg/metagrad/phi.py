@@ -106,7 +106,8 @@ def value_and_grad(metric: Metric, target: Target, params: Params) -> tuple[floa
         adj = {k: g for k, g in zip(leaves, grads) if g is not None}
     if not adj:
         raise DpgError("the metric does not depend on any trainable weight of the target")
-    bad = [k for k, g in adj.items() if not torch.isfinite(g).all()]
-    if bad:
+    finite = torch.stack([torch.isfinite(g).all() for g in adj.values()])  # one wait for the device, not one a tensor
+    if not finite.all():
+        bad = [k for k, ok in zip(adj, finite.tolist()) if not ok]
         raise DpgError(f"the metric's gradient is not finite in {bad[:3]}")
     return phi.item(), adj, proxy_figures(metric, {**target.frozen, **params}, phi.item())
