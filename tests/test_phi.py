@@ -129,3 +129,18 @@ def test_a_gradient_not_finite_is_named():
     # Φ = √(0·w): finite (0) at every θ, its gradient 0·∞ = NaN in the head weight alone
     with pytest.raises(DpgError, match=r"the metric's gradient is not finite in \['lm_head.weight'\]"):
         example_metagrads(model, examples(), Recipe(lr=1e-2), lambda p: (p["lm_head.weight"][0, 0] * 0.0).sqrt())
+
+
+def test_a_grpo_reward_measures_phi_before_once_over_its_steps():
+    """The reward hands the engine the same target and metric every step: Φ(θ_0) is measured at
+    the first step alone, and every step reports it."""
+    from dpg.models import load_model
+    from dpg.rewards import InnerRunReward
+
+    model, tok = load_model("tiny-gpt2", dtype=torch.float64)
+    metric = NormMetric(model)
+    reward = InnerRunReward("metagrad", model, tok, metric, Recipe(lr=1e-3), max_length=16, dtype=torch.float64)
+    for step in range(3):
+        reward(prompts=["p"] * 4, completions=["a b", "cd", f"step {step}", "e f g"])
+    assert metric.calls == 4  # Φ(θ_0) once, Φ(θ_1) each step
+    assert [row["phi_before"] for row in reward.history] == [pytest.approx(-head_norm(model), rel=1e-14)] * 3
