@@ -48,6 +48,8 @@ def table(demo: str) -> str:
                 rows.append(("base", r))
             elif r["generator"] == "trained":
                 rows.append((run, r))
+            elif r["generator"].startswith("checkpoint-"):  # an unfinished run's latest checkpoint (PARTIAL=1)
+                rows.append((f"{run} ({r['generator']})", r))
     keys = list(dict.fromkeys(k for _, r in rows if r for k in [*r["proxy"], *r["text"]]))
     lines = [f"| {demo} | Φ | " + " | ".join(keys) + " |", "|---" * (2 + len(keys)) + "|"]
     for name, r in rows:

@@ -2,6 +2,8 @@
 since the engine moved on fails here, not on the GPU machine where its time is dear."""
 
 import ast
+import importlib.util
+import json
 import importlib
 from pathlib import Path
 
@@ -39,3 +41,19 @@ def test_the_check_finds_a_missing_name(tmp_path):
     assert dpg_imports(script) == [(module, "prepare_target", 2), (module, "tangent_scores", 2)]
     with pytest.raises(AssertionError, match="prepare_target"):
         test_benchmark_imports_resolve(script)
+
+
+def test_paper_results_table_lists_a_checkpoint_row(tmp_path, monkeypatch):
+    """An unfinished run's transfer check (row `checkpoint-N`, as gpu_demo.sh PARTIAL=1 makes it)
+    is a row of the table, named after the run and the checkpoint, with its own figures."""
+    spec = importlib.util.spec_from_file_location("paper_results", SCRIPTS[0].parent / "paper_results.py")
+    paper_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_results)
+    monkeypatch.setattr(paper_results, "RESULTS", tmp_path)
+    rows = [
+        {"generator": "base", "metric": -4.5, "proxy": {"loss": 4.5}, "text": {"share_de": 0.0}},
+        {"generator": "checkpoint-872", "metric": -4.25, "proxy": {"loss": 4.25}, "text": {"share_de": 0.75}},
+    ]
+    (tmp_path / "german.evaluate.json").write_text(json.dumps(rows))
+    lines = paper_results.table("german").splitlines()
+    assert lines[2:] == ["| base | -4.5 | 4.5 | 0 |", "| metagrad (checkpoint-872) | -4.25 | 4.25 | 0.75 |"]
