@@ -425,3 +425,38 @@ def test_layer_norm_from_primitives_differentiates_its_tangent_correctly():
     v = torch.randn(4, 6, generator=g, dtype=torch.float64)
     fd = (objective(x + 1e-6 * v) - objective(x - 1e-6 * v)) / 2e-6
     assert abs((grad(objective)(x) * v).sum() - fd) < 1e-7 * abs(fd)
+
+
+def check_inner_step_equals_fine_tune(device: str, tf32: bool) -> None:
+    """The engine's θ_1 (handed to on_trained) and its reported Φ(θ_1) equal plain fine-tuning's
+    on the same data — what the naive reward and dpg evaluate run — with AdamW's eps_root (which
+    makes the first step proportional to g for small g) and an lm_loss Φ in chunks."""
+    from dpg.metagrad.precision import tf32_matmuls
+    from dpg.metrics import LMLossMetric
+
+    model = tiny_model("llama", True, dtype=torch.float32).to(device)
+    examples = ragged_examples(n=64)
+    held = make_examples(torch.randint(1, VOCAB, (24, 12), generator=torch.Generator().manual_seed(3)).tolist())
+    metric = LMLossMetric(model, held, chunk=8)
+    recipe = Recipe(optimizer="adamw", lr=1e-3, b2=0.95, eps_root=1e-9, weight_decay=1e-4, microbatch_size=16)
+    seen = {}
+    with tf32_matmuls(tf32):
+        res = example_metagrads(
+            model,
+            examples,
+            recipe,
+            metric,
+            device=device,
+            on_trained=lambda p: seen.update({k: v.detach().clone() for k, v in p.items()}),
+        )
+        plain = fine_tune(model, examples, recipe, device=device).params
+        with torch.no_grad():
+            phi_plain = metric({**dict(model.named_parameters()), **plain}).item()
+    for k, p in plain.items():
+        step = p.double() - model.get_parameter(k).double()
+        assert (seen[k].double() - p.double()).abs().max() <= 1e-3 * step.abs().max() + 1e-12, k
+    assert res.metric == pytest.approx(phi_plain, rel=1e-5)
+
+
+def test_engine_inner_step_equals_plain_fine_tuning():
+    check_inner_step_equals_fine_tune("cpu", False)
