@@ -201,8 +201,8 @@ def main() -> None:
         }  # fmt: skip
         report(f"metagradient {name} (M={steps})", secs, secs / base, results[name]["peak_memory_gb"])
         print("   phases (medians): " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items() if k != "first_call"))
-        first = phases["first_call"]
-        print("   first call (warm-up): " + ", ".join(f"{k} {v:.3f}s" for k, v in first.items()), flush=True)
+        warm_up = phases["first_call"]
+        print("   first call (warm-up): " + ", ".join(f"{k} {v:.3f}s" for k, v in warm_up.items()), flush=True)
 
 
 def measure(model, examples, recipe, metric, hvp, device, reps):

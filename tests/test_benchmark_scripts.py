@@ -57,3 +57,18 @@ def test_paper_results_table_lists_a_checkpoint_row(tmp_path, monkeypatch):
     (tmp_path / "german.evaluate.json").write_text(json.dumps(rows))
     lines = paper_results.table("german").splitlines()
     assert lines[2:] == ["| base | -4.5 | 4.5 | 0 |", "| metagrad (checkpoint-872) | -4.25 | 4.25 | 0.75 |"]
+
+
+def test_metagrad_ratio_runs_every_case_on_the_tiny_shape(tmp_path):
+    """The script runs its three cases one after another (a name reused inside the loop once fed
+    the second case a dict of timings instead of the examples)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ratio.json"
+    script = SCRIPTS[0].parent / "metagrad_ratio.py"
+    args = [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--reps", "1", "--out", str(out)]
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    got = json.loads(out.read_text())
+    assert {"head", "lm_loss", "m4_head"} <= set(got)
+    assert all(got[case]["seconds"] > 0 and got[case]["phases"]["train"] > 0 for case in ("head", "lm_loss", "m4_head"))
