@@ -268,7 +268,8 @@ class LMLossMetric:
                 seed = torch.full_like(part, scale)
                 chunk_grads = torch.autograd.grad(part, list(leaves.values()), seed, allow_unused=True)
             for k, g in zip(leaves, chunk_grads):
-                grads[k] = g if grads[k] is None or g is None else grads[k].add_(g)
+                if g is not None:  # None: this chunk's graph does not reach k (a gradient so far stays)
+                    grads[k] = g if grads[k] is None else grads[k].add_(g)
             total = part.detach() if total is None else total + part.detach()
         return total * scale, grads
 
