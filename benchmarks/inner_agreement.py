@@ -1,24 +1,26 @@
 """Does the engine's inner run equal plain fine-tuning? θ_M and Φ(θ_M), side by side.
 
     python benchmarks/inner_agreement.py configs/paper/german.yaml \
-        --samples benchmarks/results/paper/german.samples/base_seed0.jsonl --n 1024 \
+        --samples benchmarks/results/paper/german.evaluate.json --n 1024 \
         --micro 64 128 --chunk 16 64 --tf32 0 1 [--out inner_agreement.json]
 
 For every setting (microbatch, lm_loss chunk, TF32 on CUDA) it runs, on the same completions
-(a samples file, repeated to --n), the exact metagradient (`example_metagrads`, which reports
-Φ(θ_0) and Φ(θ_M) and hands θ_M to `on_trained`) and the plain inner run (`fine_tune`, as the
-naive reward and `dpg evaluate` do), then prints both Φ(θ_M), Φ of the engine's θ_M measured
-without a gradient (as the plain run's is), the largest relative difference
-of θ_M − θ_0 between the two runs, and the size of the step. The two must agree to rounding:
-they train with the same code. A German GRPO run on one H200 (TF32, microbatch 128, chunk 64)
-reported a first-step Φ gain of 0.0224 from the engine where the plain run of the same kind of
-data gained 0.0026 (README, German run); this is the check that finds which setting does it.
+(a samples file, or one generator's samples in a transfer check's JSON, repeated to --n), the
+exact metagradient (`example_metagrads`, which reports Φ(θ_0) and Φ(θ_M) and hands θ_M to
+`on_trained`) and the plain inner run (`fine_tune`, as the naive reward and `dpg evaluate` do),
+then prints both Φ(θ_M), Φ of the engine's θ_M measured without a gradient (as the plain run's
+is), the largest relative difference of θ_M − θ_0 between the two runs, and the size of the step.
+The two must agree to rounding: they train with the same code. A German GRPO run on one H200
+(TF32, microbatch 128, chunk 64) reported a first-step Φ gain of 0.0224 from the engine where
+the plain run of the same kind of data gained 0.0026 (README, German run); this is the check
+that finds which setting does it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import torch
@@ -88,10 +90,21 @@ def one_setting(cfg: TrainConfig, texts: list[str], micro: int, chunk: int, tf32
     }
 
 
+def completions(path: str, generator: str) -> list[str]:
+    """The completions of a samples file, or of one generator's row of a transfer check's JSON."""
+    if not path.endswith(".evaluate.json"):
+        return [r["completion"] for r in read_samples(path)]
+    rows = [r for r in json.loads(Path(path).read_text()) if r["generator"] == generator]
+    if not rows:
+        raise SystemExit(f"{path} has no row of generator {generator!r}")
+    return rows[0]["samples"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
-    ap.add_argument("--samples", required=True, help="a samples file (dpg sample / dpg evaluate writes them)")
+    ap.add_argument("--samples", required=True, help="a samples file (dpg sample writes them) or a NAME.evaluate.json")
+    ap.add_argument("--generator", default="base", help="NAME.evaluate.json: whose samples (its row's generator)")
     ap.add_argument("--n", type=int, default=1024, help="completions in the inner step (the file, repeated)")
     ap.add_argument("--micro", type=int, nargs="+", default=[128])
     ap.add_argument("--chunk", type=int, nargs="+", default=[16])
@@ -101,7 +114,7 @@ def main() -> None:
     ap.add_argument("--out", default="inner_agreement.json")
     args = ap.parse_args()
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    rows = [r["completion"] for r in read_samples(args.samples)]
+    rows = completions(args.samples, args.generator)
     texts = (rows * (args.n // len(rows) + 1))[: args.n]
     device = torch.device(args.device)
     results = []
