@@ -450,8 +450,8 @@ def check_inner_step_equals_fine_tune(device: str, tf32: bool) -> None:
             on_trained=lambda p: seen.update({k: v.detach().clone() for k, v in p.items()}),
         )
         plain = fine_tune(model, examples, recipe, device=device).params
-        with torch.no_grad():
-            phi_plain = metric({**dict(model.named_parameters()), **plain}).item()
+    with torch.no_grad(), tf32_matmuls(False):  # the engine measures Φ in full fp32 (engine._metagrads)
+        phi_plain = metric({**dict(model.named_parameters()), **plain}).item()
     for k, p in plain.items():
         step = p.double() - model.get_parameter(k).double()
         assert (seen[k].double() - p.double()).abs().max() <= 1e-3 * step.abs().max() + 1e-12, k
@@ -460,3 +460,43 @@ def check_inner_step_equals_fine_tune(device: str, tf32: bool) -> None:
 
 def test_engine_inner_step_equals_plain_fine_tuning():
     check_inner_step_equals_fine_tune("cpu", False)
+
+
+@pytest.mark.parametrize("metric_kind", ["lm", "head"])
+def test_metric_is_measured_in_full_fp32_inside_tf32(metric_kind):
+    """Inside tf32_matmuls() (reward.tf32) the engine trains and sweeps back in TF32 but runs
+    every Φ pass, Φ(θ_0) and Φ(θ_M) with its gradient, at full fp32 matmul precision: an inner
+    step is far below TF32's resolution (engine._metagrads). On CPU the setting is only a flag,
+    which the metric reads at each call; the caller's setting is restored afterwards."""
+    from dpg.metagrad.precision import tf32_matmuls
+    from dpg.metrics import LMLossMetric
+
+    model = tiny_model("llama", False, dtype=torch.float32)
+    seen_by_metric = []
+    if metric_kind == "lm":
+        held = make_examples(torch.randint(1, VOCAB, (8, 10), generator=torch.Generator().manual_seed(3)).tolist())
+
+        class Recording(LMLossMetric):
+            def value_and_grad(self, params, names):
+                seen_by_metric.append(torch.get_float32_matmul_precision())
+                return super().value_and_grad(params, names)
+
+            def __call__(self, params):
+                seen_by_metric.append(torch.get_float32_matmul_precision())
+                return super().__call__(params)
+
+        metric = Recording(model, held, chunk=4)
+    else:
+        inner = head_metric(model)
+
+        def metric(params):
+            seen_by_metric.append(torch.get_float32_matmul_precision())
+            return inner(params)
+
+    def record_training(params):  # on_trained runs after the Φ(θ_M) pass, back in the caller's setting
+        seen_by_metric.append(("after", torch.get_float32_matmul_precision()))
+
+    with tf32_matmuls(True):
+        example_metagrads(model, ragged_examples(n=8), Recipe(lr=1e-2, steps=1), metric, on_trained=record_training)
+    assert seen_by_metric and seen_by_metric[-1] == ("after", "high")
+    assert set(seen_by_metric[:-1]) == {"highest"}

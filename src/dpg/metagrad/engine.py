@@ -31,6 +31,7 @@ from dpg.errors import DpgError
 from dpg.metagrad import optim, schedule
 from dpg.metagrad.inner import ScheduledRun, Step, train_step
 from dpg.metagrad.phi import metric_before, value_and_grad
+from dpg.metagrad.precision import tf32_matmuls
 from dpg.metagrad.parallel import smallest, summed
 from dpg.metagrad.records import (
     Examples,
@@ -176,7 +177,13 @@ def _metagrads(
 ) -> MetagradResult:  # fmt: skip
     device = target.params[next(iter(target.params))].device
     try:
-        with _phase(timings, "metric", device):
+        # Φ is measured in full fp32 even inside `tf32_matmuls()` (reward.tf32): an inner step
+        # moves weights far below TF32's input resolution, and de-quantized weights (GGUF) sit on
+        # or halfway between TF32 values, so TF32's rounding turns the step into a ~1e-3 relative
+        # one in its own direction. On one H200 that made Φ(θ_1) − Φ(θ_0) of a SmolLM2 step 9×
+        # what fp32 measures (0.0204 against 0.0023), while the TF32-trained θ_1 measured in
+        # fp32 gained what the fp32 step does (README, German run).
+        with _phase(timings, "metric", device), tf32_matmuls(False):
             # Φ(θ_0) (kept from the last call while metric and θ_0 are unchanged: phi.py), and
             # where it can matter, which parameters Φ reads: a metric on the (untied) LM head
             # alone, with M = 1, is scored from the training pass's own hidden states.
@@ -185,7 +192,7 @@ def _metagrads(
         run.stash_hidden = splittable and head_only(target, support)
         with _phase(timings, "train", device):
             params, losses = run.forward()
-        with _phase(timings, "metric", device):
+        with _phase(timings, "metric", device), tf32_matmuls(False):
             phi, adj, proxy = value_and_grad(metric, target, params)
         if on_trained is not None:
             on_trained({**target.frozen, **params})
