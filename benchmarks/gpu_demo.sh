@@ -10,6 +10,10 @@
 # and the baselines: language_id, embedding (language), levenshtein (uuid). Default: all of them
 # that apply. The naive reward and the baselines train with the same budget (grpo.steps).
 # Call it again until it prints "all done" (three calls for 25 minutes of training).
+# TAG names a variant of the demonstration, with EXTRA holding its overrides: its runs and files
+# are DEMO_TAG (DEMO_TAG-naive, ...), so two variants can train side by side, e.g. the "67" on a
+# pretrained target:  TAG=smollm2 EXTRA="target.model=smollm2-135m-instruct target.tokenizer=null
+# metric.vocab_offset=17" bash benchmarks/gpu_demo.sh 67 metagrad
 set -uo pipefail
 demo=${1:?usage: gpu_demo.sh DEMO [RUN ...]}; shift
 cfg=configs/paper/$demo.yaml
@@ -25,9 +29,10 @@ fi
 [ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
 piece=${PIECE_MIN:-6.5}  # minutes of training a run and call (time_limit); the rest: loading, transfer check
 out=${OUT:-/tmp/out}; res=benchmarks/results/paper; mkdir -p "$out" "$res" runs/paper
+base=$demo${TAG:+_$TAG}  # the variant's name: its runs are $base, $base-naive, ...
 deadline=${BUDGET_S:-540}  # seconds since the call began: every job ends by then, so the results come back
 for run in "${runs[@]}"; do
-  name=$demo; [ "$run" = metagrad ] || name=$demo-$run
+  name=$base; [ "$run" = metagrad ] || name=$base-$run
   over="output_dir=runs/paper/$name device=${DEVICE:-cuda} time_limit=$piece ${EXTRA:-}"
   [ "$run" = metagrad ] || over="$over reward.name=$run"
   [ "$run" = naive ] && over="$over reward.cross_group_batching=false"
@@ -45,11 +50,12 @@ for p in $(jobs -rp); do pkill -P "$p"; kill "$p" 2>/dev/null; echo "job $p stop
 wait
 left=0
 for run in "${runs[@]}"; do
-  name=$demo; [ "$run" = metagrad ] || name=$demo-$run
+  name=$base; [ "$run" = metagrad ] || name=$base-$run
   echo "== $name"; grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" "runs/paper/$name.log" | tail -4
   [ -f "runs/paper/$name/metrics.jsonl" ] && cp "runs/paper/$name/metrics.jsonl" "$res/$name.metrics.jsonl"
   [ -f "runs/paper/$name/evaluate.json" ] && cp "runs/paper/$name/evaluate.json" "$res/$name.evaluate.json" || left=1
 done
-python3 benchmarks/paper_results.py "$demo" 2>&1 | tail -2
-tar czf "$out/paper_$demo.tgz" $res/$demo*.* runs/paper/$demo*.log
-[ $left = 0 ] && echo "all done: $demo" || echo "not done: run the same command again to resume"
+python3 benchmarks/paper_results.py "$base" 2>&1 | tail -2
+shopt -s nullglob
+tar czf "$out/paper_$base.tgz" $res/$base.* $res/$base-*.* runs/paper/$base.log runs/paper/$base-*.log
+[ $left = 0 ] && echo "all done: $base" || echo "not done: run the same command again to resume"
