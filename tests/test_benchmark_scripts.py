@@ -72,3 +72,37 @@ def test_metagrad_ratio_runs_every_case_on_the_tiny_shape(tmp_path):
     got = json.loads(out.read_text())
     assert {"head", "lm_loss", "m4_head"} <= set(got)
     assert all(got[case]["seconds"] > 0 and got[case]["phases"]["train"] > 0 for case in ("head", "lm_loss", "m4_head"))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS[0].parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pattern_reach_figures_by_hand():
+    """Three contexts' head inputs over two hidden dims, a 2 × 2 pattern (dims × columns)."""
+    import torch
+
+    reach = load_script("pattern_reach").reach
+    h = torch.tensor([[0.5, -2.0], [1.0, 0.3], [-0.7, 1.1]])
+    pattern = torch.tensor([[1.0, -1.0], [1.0, 1.0]])  # column 0 = (+, +), column 1 = (−, +)
+    out = reach(h, pattern)
+    assert out["share_positive"] == [round(2 / 3, 4), round(2 / 3, 4)]
+    assert out["pixel_ease_mean"] == pytest.approx(7 / 12) and out["pixel_ease_min"] == pytest.approx(1 / 3)
+    # the typical signs are (+, +): column 0 holds them (2 of 2), column 1 either way 1 of 2
+    assert out["typical_sign_accuracy"] == pytest.approx(3 / 4)
+    assert out["column_share_mean"] == pytest.approx(1 / 3) and out["column_share_min"] == pytest.approx(1 / 3)
+
+
+def test_tf32_grid_counts_by_hand():
+    """Weights on the TF32 grid (low 13 bits 0), halfway (0x1000) and neither; vectors are not counted."""
+    import torch
+
+    grid_shares = load_script("tf32_grid").grid_shares
+    bits = torch.tensor([[0x3F800000, 0x3F801000], [0x3F800001, 0x3F802000]], dtype=torch.int32)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(bits.view(torch.float32).clone())
+    model.b = torch.nn.Parameter(torch.zeros(3))
+    assert grid_shares(model) == {"matrix_weights": 4, "on_tf32_grid": 0.5, "halfway": 0.25}
