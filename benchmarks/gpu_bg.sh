@@ -17,8 +17,14 @@ case "${1:-}" in
   wait)
     shift; limit=${1:?usage: gpu_bg.sh wait SECONDS [FILE ...]}; shift
     end=$((SECONDS + limit))
-    while [ $SECONDS -lt $end ] && kill -0 "$(cat $pidfile 2>/dev/null)" 2>/dev/null; do sleep 5; done
+    : > /tmp/dpg_gpu.csv  # GPU load and memory every 5 s of this wait: whether another run would fit and find work
+    while [ $SECONDS -lt $end ] && kill -0 "$(cat $pidfile 2>/dev/null)" 2>/dev/null; do
+      nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits >> /tmp/dpg_gpu.csv 2>/dev/null
+      sleep 5
+    done
     kill -0 "$(cat $pidfile 2>/dev/null)" 2>/dev/null && echo "== running" || echo "== ended"
+    awk -F', ' 'NF == 2 {n++; u += $1; if ($2 > m) m = $2}
+      END {if (n) printf "== gpu over this wait: utilization %.0f %% on average, memory up to %d MiB\n", u / n, m}' /tmp/dpg_gpu.csv
     grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" $log | tr '\r' '\n' | grep -v "it/s\]$" | tail -15
     mkdir -p "${OUT:-/tmp/out}"; cp $log "${OUT:-/tmp/out}/" 2>/dev/null
     # flat names (a/b/c.jsonl -> a_b_c.jsonl): the device tool leaves out folders nested deeper than two
