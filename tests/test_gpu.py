@@ -101,3 +101,31 @@ def test_cuda_engine_inner_step_equals_plain_fine_tuning(tf32):
     AdamW with eps_root 1e-9, lm_loss Φ in chunks) logged an engine gain of 0.0224 at step 1
     where plain fine-tuning of that kind of data gained 0.0026 (README, German run)."""
     check_inner_step_equals_fine_tune("cuda", tf32)
+
+
+def test_cuda_tf32_engine_reports_the_fp32_gain():
+    """Inside tf32_matmuls() the engine's Φ(θ_1) − Φ(θ_0) is the gain fp32 measures, on weights
+    that sit exactly halfway between TF32 values (as 15 % of SmolLM2's de-quantized ones do,
+    benchmarks/tf32_grid.py), where a step of 1e-6 decides their rounding and Φ measured with
+    TF32 matmuls moves by far more than the step does (README, German run)."""
+    from dpg import fine_tune
+    from dpg.metagrad.precision import tf32_matmuls
+    from dpg.metrics import LMLossMetric
+
+    model = tiny_model("llama", True, dtype=torch.float32).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:  # low 13 bits = 0x1000: halfway between two TF32 values
+                p.copy_(((p.view(torch.int32) & ~0x1FFF) | 0x1000).view(torch.float32))
+    examples = ragged_examples(n=64)
+    metric = LMLossMetric(model, examples, chunk=8)  # Φ = −loss on the training data: a gain well above rounding
+    recipe = Recipe(optimizer="adamw", lr=1e-6, b2=0.95, eps_root=1e-9, weight_decay=1e-4, microbatch_size=16)
+    with tf32_matmuls(True):
+        res = example_metagrads(model, examples, recipe, metric, device="cuda")
+        trained = {k: p.detach() for k, p in model.named_parameters()} | fine_tune(model, examples, recipe).params
+    gains = {}
+    for tf32 in (False, True):
+        with torch.no_grad(), tf32_matmuls(tf32):
+            gains[tf32] = (metric(trained) - metric(dict(model.named_parameters()))).item()
+    assert res.metric - res.metric_before == pytest.approx(gains[False], rel=0.05, abs=2e-6)
+    assert abs(gains[True] - gains[False]) > 0.5 * abs(gains[False])  # the rounding the engine steps around
