@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dpg.report import plot_runs, read_rows  # noqa: E402
+from dpg.report import plot_runs, read_rows, telling_digits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper"
 RUNS = ("metagrad", "naive", "language_id", "embedding", "levenshtein")
@@ -51,14 +51,16 @@ def table(demo: str) -> str:
             elif r["generator"].startswith("checkpoint-"):  # an unfinished run's latest checkpoint (PARTIAL=1)
                 rows.append((f"{run} ({r['generator']})", r))
     keys = list(dict.fromkeys(k for _, r in rows if r for k in [*r["proxy"], *r["text"]]))
+    found = [{"Φ": r["metric"], **r["proxy"], **r["text"]} for _, r in rows if r]
+    digits = {k: telling_digits([f[k] for f in found if k in f], least=6 if k == "Φ" else 4) for k in ["Φ", *keys]}
     lines = [f"| {demo} | Φ | " + " | ".join(keys) + " |", "|---" * (2 + len(keys)) + "|"]
     for name, r in rows:
         if r is None:
             lines.append(f"| {name} | (training) |" + " |" * len(keys))
             continue
-        figures = {**r["proxy"], **r["text"]}
-        lines.append(f"| {name} | {r['metric']:.6g} | " + " | ".join(f"{figures[k]:.4g}" if k in figures else "—"
-                                                                     for k in keys) + " |")  # fmt: skip
+        figures = {"Φ": r["metric"], **r["proxy"], **r["text"]}
+        cells = [f"{figures[k]:.{digits[k]}g}" if k in figures else "—" for k in ["Φ", *keys]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

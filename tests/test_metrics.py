@@ -17,6 +17,7 @@ from dpg.metrics import (
     custom_metric,
     head_param_name,
     image_pattern,
+    L2Metric,
     l2_metric,
     LMLossMetric,
     lm_loss_metric,
@@ -229,6 +230,22 @@ def test_l2_value_and_gradient():
     (grad,) = torch.autograd.grad(phi, W)
     torch.testing.assert_close(grad, -W.detach() / norm, rtol=1e-12, atol=0)
     assert metric.proxy(params) == {"l2_norm": pytest.approx(norm, rel=1e-13)}
+
+
+def test_l2_resolves_an_inner_steps_change_on_an_fp32_head():
+    """An fp32 head of GPT-2's size and scale (norm ~124), moved as one AdamW step at lr 5e-6
+    moves it, by two datasets that shrink 50.2 % and 49.8 % of its weights: the metric's
+    difference between the two (~1e-4, what real texts differ by) is the exact one (fp64 sums
+    of the same fp32 numbers), not rounded to the fp32 norm's step of 7.6e-6."""
+    torch.manual_seed(0)
+    W = (0.02 * torch.randn(50257, 768)).float()
+    metric = L2Metric("w")
+    a = W - 5e-6 * torch.sign(W) * (torch.rand_like(W) < 0.502)
+    b = W - 5e-6 * torch.sign(W) * (torch.rand_like(W) < 0.498)
+    exact = (b.double().square().sum().sqrt() - a.double().square().sum().sqrt()).item()  # ‖b‖ − ‖a‖ > 0
+    assert 2e-5 < exact < 5e-4
+    assert (metric({"w": a}) - metric({"w": b})).item() == pytest.approx(exact, rel=1e-6)
+    assert metric.proxy({"w": b})["l2_norm"] - metric.proxy({"w": a})["l2_norm"] == pytest.approx(exact, rel=1e-6)
 
 
 # ---------------------------------------------------------------- lm_loss

@@ -72,3 +72,21 @@ def test_curve_panels(tmp_path):
 
     width, height = Image.open(tmp_path / "c.png").size
     assert width > 4 * height  # five panels side by side
+
+
+def test_results_table_prints_the_digits_that_tell_rows_apart():
+    """L2 norms of 124 that differ in their 9th digit print with 9 digits, not 4 (which would
+    show three equal rows); a column whose values differ early keeps the 4."""
+    from dpg.evaluate import TransferResult
+    from dpg.report import results_table, telling_digits
+
+    def row(gen, seed, norm, acc):
+        return TransferResult(gen, seed, -norm, {"l2_norm": norm}, {"share": acc}, None, [])
+
+    rows = [row("base", 0, 123.958031, 0.5), row("base", 1, 123.958029, 0.25), row("trained", 0, 123.957912, 0.75)]
+    table = results_table(rows)
+    base = "| base | 2 | -123.95803 [-123.958031, -123.958029] | 123.95803 [123.958029, 123.958031] | "
+    base += "0.375 [0.25, 0.5] |"
+    assert base in table
+    assert "| trained | 1 | -123.957912 | 123.957912 | 0.75 |" in table
+    assert telling_digits([1.0, 1.0 + 1e-13]) == 4 and telling_digits([123.958031, 123.958029]) == 9

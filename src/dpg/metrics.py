@@ -165,15 +165,18 @@ def pattern_metric(
 
 @dataclass(frozen=True)
 class L2Metric:
-    """Φ = −‖W_head‖₂ (Frobenius norm of the whole LM-head weight)."""
+    """Φ = −‖W_head‖₂ (Frobenius norm of the whole LM-head weight), summed in fp64: one inner
+    step moves the norm of a ~100 (GPT-2) to ~700 (SmolLM2) matrix by 1e-5 or less, below an
+    fp32 norm's resolution (one fp32 step at 124 is 7.6e-6), so an fp32 sum would round the
+    differences between datasets, and between sampling seeds, away."""
 
     head: str  # parameter name of the LM-head weight
 
     def __call__(self, params: Params) -> Tensor:
-        return -torch.linalg.vector_norm(params[self.head])
+        return -torch.linalg.vector_norm(params[self.head], dtype=torch.float64)
 
     def proxy(self, params: Params) -> dict[str, float]:
-        return {"l2_norm": float(torch.linalg.vector_norm(params[self.head].detach()))}
+        return {"l2_norm": float(torch.linalg.vector_norm(params[self.head].detach(), dtype=torch.float64))}
 
     def proxy_from_phi(self, phi: float) -> dict[str, float]:
         return {"l2_norm": -phi}

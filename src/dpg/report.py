@@ -246,21 +246,49 @@ def write_report(out_dir: Path, results: list, target_pattern: torch.Tensor | No
 
 def results_table(results: list) -> str:
     """One row per generator of the transfer check (dpg.evaluate.TransferResult rows): mean
-    over seeds (and the range when there are several)."""
+    over seeds (and the range when there are several), each column printed with the digits
+    that tell its different values apart (an L2 norm of 124 moves in its 7th digit)."""
     names = list(dict.fromkeys(r.generator for r in results))
     keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
+    columns = {"Φ": {name: [r.metric for r in results if r.generator == name] for name in names}}
+    for k in keys:
+        columns[k] = {
+            name: [{**r.proxy, **r.text}[k] for r in results if r.generator == name and k in {**r.proxy, **r.text}]
+            for name in names
+        }
+    digits = {
+        col: telling_digits([v for vs in by_name.values() for v in _summary(vs)]) for col, by_name in columns.items()
+    }
     lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
     for name in names:
-        rs = [r for r in results if r.generator == name]
-        cells = [name, str(len(rs)), _mean_range([r.metric for r in rs])]
-        for k in keys:
-            cells.append(_mean_range([{**r.proxy, **r.text}[k] for r in rs if k in {**r.proxy, **r.text}]))
+        cells = [name, str(sum(r.generator == name for r in results))]
+        cells += [_mean_range(by_name[name], digits[col]) for col, by_name in columns.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _mean_range(values: list[float]) -> str:
+def telling_digits(values: list[float], least: int = 4, most: int = 12) -> int:
+    """The fewest significant digits (at least `least`) at which values that differ by more
+    than 1e-12 of their size print differently."""
+    for d in range(least, most + 1):
+        groups: dict[str, list[float]] = {}
+        for v in values:
+            groups.setdefault(f"{v:.{d}g}", []).append(v)
+        if all(max(g) - min(g) <= 1e-12 * max(abs(x) for x in g) for g in groups.values()):
+            return d
+    return most
+
+
+def _summary(values: list[float]) -> list[float]:
+    """What a cell prints: the mean, and the range when there are several."""
+    if not values:
+        return []
+    mean = sum(values) / len(values)
+    return [mean] if len(values) == 1 else [mean, min(values), max(values)]
+
+
+def _mean_range(values: list[float], digits: int = 4) -> str:
     if not values:
         return "—"
-    mean = sum(values) / len(values)
-    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} [{min(values):.4g}, {max(values):.4g}]"
+    mean, *spread = _summary(values)
+    return f"{mean:.{digits}g}" + (f" [{spread[0]:.{digits}g}, {spread[1]:.{digits}g}]" if spread else "")
