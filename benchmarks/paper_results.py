@@ -51,14 +51,14 @@ def table(demo: str) -> str:
             elif r["generator"].startswith("checkpoint-"):  # an unfinished run's latest checkpoint (PARTIAL=1)
                 rows.append((f"{run} ({r['generator']})", r))
     keys = list(dict.fromkeys(k for _, r in rows if r for k in [*r["proxy"], *r["text"]]))
-    found = [{"Φ": r["metric"], **r["proxy"], **r["text"]} for _, r in rows if r]
+    rows = [(name, r and {"Φ": r["metric"], **r["proxy"], **r["text"]}) for name, r in rows]  # a row's figures
+    found = [f for _, f in rows if f]
     digits = {k: telling_digits([f[k] for f in found if k in f], least=6 if k == "Φ" else 4) for k in ["Φ", *keys]}
     lines = [f"| {demo} | Φ | " + " | ".join(keys) + " |", "|---" * (2 + len(keys)) + "|"]
-    for name, r in rows:
-        if r is None:
+    for name, figures in rows:
+        if figures is None:
             lines.append(f"| {name} | (training) |" + " |" * len(keys))
             continue
-        figures = {"Φ": r["metric"], **r["proxy"], **r["text"]}
         cells = [f"{figures[k]:.{digits[k]}g}" if k in figures else "—" for k in ["Φ", *keys]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -43,12 +43,17 @@ def test_the_check_finds_a_missing_name(tmp_path):
         test_benchmark_imports_resolve(script)
 
 
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS[0].parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_paper_results_table_lists_a_checkpoint_row(tmp_path, monkeypatch):
     """An unfinished run's transfer check (row `checkpoint-N`, as gpu_demo.sh PARTIAL=1 makes it)
     is a row of the table, named after the run and the checkpoint, with its own figures."""
-    spec = importlib.util.spec_from_file_location("paper_results", SCRIPTS[0].parent / "paper_results.py")
-    paper_results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_results)
+    paper_results = load_script("paper_results")
     monkeypatch.setattr(paper_results, "RESULTS", tmp_path)
     rows = [
         {"generator": "base", "metric": -4.5, "proxy": {"loss": 4.5}, "text": {"share_de": 0.0}},
@@ -72,13 +77,6 @@ def test_metagrad_ratio_runs_every_case_on_the_tiny_shape(tmp_path):
     got = json.loads(out.read_text())
     assert {"head", "lm_loss", "m4_head"} <= set(got)
     assert all(got[case]["seconds"] > 0 and got[case]["phases"]["train"] > 0 for case in ("head", "lm_loss", "m4_head"))
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS[0].parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_pattern_reach_figures_by_hand():

@@ -250,19 +250,13 @@ def results_table(results: list) -> str:
     that tell its different values apart (an L2 norm of 124 moves in its 7th digit)."""
     names = list(dict.fromkeys(r.generator for r in results))
     keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
-    columns = {"Φ": {name: [r.metric for r in results if r.generator == name] for name in names}}
-    for k in keys:
-        columns[k] = {
-            name: [{**r.proxy, **r.text}[k] for r in results if r.generator == name and k in {**r.proxy, **r.text}]
-            for name in names
-        }
-    digits = {
-        col: telling_digits([v for vs in by_name.values() for v in _summary(vs)]) for col, by_name in columns.items()
-    }
+    figures = [(r.generator, {"Φ": r.metric, **r.proxy, **r.text}) for r in results]
+    values = {(n, k): [f[k] for g, f in figures if g == n and k in f] for n in names for k in ["Φ", *keys]}
+    digits = {k: telling_digits([v for n in names for v in _summary(values[n, k])]) for k in ["Φ", *keys]}
     lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
     for name in names:
-        cells = [name, str(sum(r.generator == name for r in results))]
-        cells += [_mean_range(by_name[name], digits[col]) for col, by_name in columns.items()]
+        cells = [name, str(sum(g == name for g, _ in figures))]
+        cells += [_mean_range(values[name, k], digits[k]) for k in ["Φ", *keys]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
