@@ -3,17 +3,17 @@
 # of the demonstration trains side by side for PIECE_MIN minutes (time_limit: each stops after a
 # sealed checkpoint), and the same command on the same warm machine resumes them; a run whose
 # training has ended gets its transfer check. Each call sends back, in $OUT/paper_DEMO.tgz, what
-# the runs have so far, laid out as in the repo (benchmarks/results/paper/NAME.{metrics.jsonl,
-# evaluate.json,curves.png}), so `tar xzf paper_DEMO.tgz` at the repo root files the results.
+# the runs have so far, laid out as in the repo (benchmarks/results/paper/NAME.{metrics,samples}.jsonl,
+# NAME.{evaluate.json,curves.png}), so `tar xzf paper_DEMO.tgz` at the repo root files the results.
 #   bash benchmarks/gpu_demo.sh DEMO [RUN ...]      (device tool: carry .whl and .gpu)
 # DEMO is a config in configs/paper/ (67, qr, l2, german, spanish, uuid). RUN: metagrad, naive,
 # and the baselines: language_id, embedding (language), levenshtein (uuid). Default: all of them
 # that apply. The naive reward and the baselines train with the same budget (grpo.steps).
 # Call it again until it prints "all done" (three calls for 25 minutes of training).
 # TAG names a variant of the demonstration, with EXTRA holding its overrides: its runs and files
-# are DEMO_TAG (DEMO_TAG-naive, ...), so two variants can train side by side, e.g. the "67" on a
-# pretrained target:  TAG=smollm2 EXTRA="target.model=smollm2-135m-instruct target.tokenizer=null
-# metric.vocab_offset=17" bash benchmarks/gpu_demo.sh 67 metagrad
+# are DEMO_TAG (DEMO_TAG-naive, ...), so two variants can train side by side, e.g. the "67" on the
+# paper's random GPT-2:  TAG=gpt2 EXTRA="target.model=gpt2-faithful target.tokenizer=../shared/tokenizers/gpt2
+# metric.vocab_offset=0" bash benchmarks/gpu_demo.sh 67 metagrad
 set -uo pipefail
 demo=${1:?usage: gpu_demo.sh DEMO [RUN ...]}; shift
 cfg=configs/paper/$demo.yaml
@@ -52,7 +52,9 @@ left=0
 for run in "${runs[@]}"; do
   name=$base; [ "$run" = metagrad ] || name=$base-$run
   echo "== $name"; grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" "runs/paper/$name.log" | tail -4
-  [ -f "runs/paper/$name/metrics.jsonl" ] && cp "runs/paper/$name/metrics.jsonl" "$res/$name.metrics.jsonl"
+  for f in metrics samples; do  # samples: each step's most common, best and worst texts
+    [ -f "runs/paper/$name/$f.jsonl" ] && cp "runs/paper/$name/$f.jsonl" "$res/$name.$f.jsonl"
+  done
   [ -f "runs/paper/$name/evaluate.json" ] && cp "runs/paper/$name/evaluate.json" "$res/$name.evaluate.json" || left=1
 done
 python3 benchmarks/paper_results.py "$base" 2>&1 | tail -2

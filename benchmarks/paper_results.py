@@ -6,9 +6,9 @@ brings back: benchmarks/results/paper/NAME.evaluate.json (transfer check, rows `
     python benchmarks/paper_results.py [DEMO ...]     # default: every demonstration with results
 
 Prints one markdown table a demonstration (base generator, then each run's trained generator:
-Φ and the proxy and text figures of its transfer check) and writes DEMO.curves.png: Φ (or the
-reward), proxy, policy entropy and distinct-completion share against generated examples, every
-run of the demonstration overlaid.
+Φ and the proxy and text figures of its transfer check, the mean over its seeds and their range)
+and writes DEMO.curves.png: Φ (or the reward), proxy, policy entropy and distinct-completion
+share against generated examples, every run of the demonstration overlaid.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dpg.report import plot_runs, read_rows, telling_digits  # noqa: E402
+from dpg.report import mean_range, plot_runs, read_rows, summary_values, telling_digits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper"
 RUNS = ("metagrad", "naive", "language_id", "embedding", "levenshtein")
@@ -36,31 +36,43 @@ def run_names(demo: str) -> list[tuple[str, str]]:
     return found
 
 
-def table(demo: str) -> str:
-    rows = []
+def run_rows(demo: str) -> list[tuple[str, list[dict[str, float]] | None]]:
+    """(row label, one figures dict per seed) of the demonstration's transfer checks: the base
+    generator once (from the first run that checked it), then each run's trained generator, or
+    its latest checkpoint for an unfinished run (gpu_demo.sh PARTIAL=1); None: no check yet."""
+    rows: dict[str, list[dict[str, float]] | None] = {}
     for run, stem in run_names(demo):
         path = RESULTS / f"{stem}.evaluate.json"
         if not path.exists():
-            rows.append((run, None))
+            rows[run] = None
             continue
+        had_base = "base" in rows
         for r in json.loads(path.read_text()):
-            if r["generator"] == "base" and not any(name == "base" for name, _ in rows):
-                rows.append(("base", r))
-            elif r["generator"] == "trained":
-                rows.append((run, r))
-            elif r["generator"].startswith("checkpoint-"):  # an unfinished run's latest checkpoint (PARTIAL=1)
-                rows.append((f"{run} ({r['generator']})", r))
-    keys = list(dict.fromkeys(k for _, r in rows if r for k in [*r["proxy"], *r["text"]]))
-    rows = [(name, r and {"Φ": r["metric"], **r["proxy"], **r["text"]}) for name, r in rows]  # a row's figures
-    found = [f for _, f in rows if f]
-    digits = {k: telling_digits([f[k] for f in found if k in f], least=6 if k == "Φ" else 4) for k in ["Φ", *keys]}
-    lines = [f"| {demo} | Φ | " + " | ".join(keys) + " |", "|---" * (2 + len(keys)) + "|"]
-    for name, figures in rows:
-        if figures is None:
-            lines.append(f"| {name} | (training) |" + " |" * len(keys))
+            name = r["generator"]
+            if name == "base" and had_base:
+                continue
+            label = "base" if name == "base" else run if name == "trained" else f"{run} ({name})"
+            rows.setdefault(label, []).append({"Φ": r["metric"], **r["proxy"], **r["text"]})
+    return sorted(rows.items(), key=lambda item: item[0] != "base")  # base first, the rest as found
+
+
+def table(demo: str) -> str:
+    """One row per generator: the mean over seeds, and the range when there are several."""
+    rows = run_rows(demo)
+    keys = list(dict.fromkeys(k for _, seeds in rows for f in seeds or [] for k in f if k != "Φ"))
+    cells = {(name, k): [f[k] for f in seeds if k in f] for name, seeds in rows if seeds for k in ["Φ", *keys]}
+    digits = {
+        k: telling_digits([v for (_, key), vs in cells.items() if key == k for v in summary_values(vs)],
+                          least=6 if k == "Φ" else 4)
+        for k in ["Φ", *keys]
+    }  # fmt: skip
+    lines = [f"| {demo} | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    for name, seeds in rows:
+        if seeds is None:
+            lines.append(f"| {name} | (training) |" + " |" * (1 + len(keys)))
             continue
-        cells = [f"{figures[k]:.{digits[k]}g}" if k in figures else "—" for k in ["Φ", *keys]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        figures = [mean_range(cells[name, k], digits[k]) for k in ["Φ", *keys]]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(figures) + " |")
     return "\n".join(lines)
 
 

@@ -61,7 +61,30 @@ def test_paper_results_table_lists_a_checkpoint_row(tmp_path, monkeypatch):
     ]
     (tmp_path / "german.evaluate.json").write_text(json.dumps(rows))
     lines = paper_results.table("german").splitlines()
-    assert lines[2:] == ["| base | -4.5 | 4.5 | 0 |", "| metagrad (checkpoint-872) | -4.25 | 4.25 | 0.75 |"]
+    assert lines[2:] == ["| base | 1 | -4.5 | 4.5 | 0 |", "| metagrad (checkpoint-872) | 1 | -4.25 | 4.25 | 0.75 |"]
+
+
+def test_paper_results_table_averages_the_seeds_and_takes_base_once(tmp_path, monkeypatch):
+    """Several seeds of one generator make one row: their mean and [min, max]. The base generator
+    comes from the first run's file only, ahead of every trained row."""
+    paper_results = load_script("paper_results")
+    monkeypatch.setattr(paper_results, "RESULTS", tmp_path)
+
+    def row(generator, acc):
+        return {"generator": generator, "metric": -acc, "proxy": {"pixel_accuracy": acc}, "text": {}}
+
+    metagrad = [row("base", 0.25), row("base", 0.5), row("trained", 0.75), row("trained", 1.0)]
+    naive = [row("base", 0.125), row("trained", 0.5)]
+    (tmp_path / "67.evaluate.json").write_text(json.dumps(metagrad))
+    (tmp_path / "67-naive.evaluate.json").write_text(json.dumps(naive))
+    (tmp_path / "67-naive.metrics.jsonl").write_text("")
+    lines = paper_results.table("67").splitlines()
+    assert lines[0] == "| 67 | seeds | Φ | pixel_accuracy |"
+    assert lines[2:] == [
+        "| base | 2 | -0.375 [-0.5, -0.25] | 0.375 [0.25, 0.5] |",
+        "| metagrad | 2 | -0.875 [-1, -0.75] | 0.875 [0.75, 1] |",
+        "| naive | 1 | -0.5 | 0.5 |",
+    ]
 
 
 def test_metagrad_ratio_runs_every_case_on_the_tiny_shape(tmp_path):

@@ -4,7 +4,7 @@ curves' panels."""
 import json
 
 from dpg.report import RunLog, console_line, curve_keys, plot_runs
-from dpg.rewards import DistinctShare
+from dpg.rewards import DistinctShare, batch_samples
 
 
 class Scored:
@@ -33,6 +33,41 @@ def test_distinct_share_counts_texts_and_passes_everything_through():
     assert reward.share == 1 / 2
     assert reward.history is inner.history and len(reward.history) == 2  # the reward's own attributes
     assert not hasattr(reward, "no_such_attribute")
+
+
+def test_batch_samples_names_the_texts_behind_the_share():
+    """The most common texts with their counts (ties: first seen first), the best and the worst
+    text by mean reward over its copies; a None reward (TRL's "not scored") is left out of the
+    means and the ranking."""
+    pairs = [("a", 1.0), ("b", -2.0), ("a", 3.0), ("c", 0.5), ("b", 0.0), ("d", None), ("c", 0.5)]
+    got = batch_samples(pairs, most_common=2)
+    assert got["distinct_share"] == 4 / 7
+    assert got["most_common"] == [{"text": "a", "count": 2, "reward": 2.0}, {"text": "b", "count": 2, "reward": -1.0}]
+    assert got["best"] == {"text": "a", "count": 2, "reward": 2.0}
+    assert got["worst"] == {"text": "b", "count": 2, "reward": -1.0}
+    assert batch_samples([("x", None)])["best"] is None
+
+
+def test_run_log_writes_each_steps_texts_and_drops_redone_steps_on_resume(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    class NoTimer:
+        def take(self):
+            return 0.0
+
+    reward = DistinctShare(Scored())
+    log = RunLog(tmp_path, reward, NoTimer(), total_steps=3, per_step=2, png_every=0, batch=4)
+    state = TrainerState()
+    for step, texts in enumerate([["a", "a", "bb", "a"], ["ccc", "ccc", "ccc", "ccc"]], start=1):
+        reward(prompts=["p"] * 4, completions=texts)
+        state.global_step = 2 * step
+        log.on_log(None, state, TrainerControl(), logs={"loss": 0.1})
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["distinct_share"]) for r in rows] == [(1, 0.5), (2, 0.25)]
+    assert rows[0]["most_common"][0] == {"text": "a", "count": 3, "reward": 1.0}  # Scored: reward = len(text)
+    assert rows[0]["best"]["text"] == "bb" and rows[1]["worst"] == {"text": "ccc", "count": 4, "reward": 3.0}
+    log.resume(global_step=2)  # resuming from step 1's checkpoint: step 2 will be redone
+    assert [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1]
 
 
 def test_run_log_row_has_examples_entropy_and_distinct_share(tmp_path, capsys):

@@ -34,6 +34,7 @@ def assert_same_run(out: Path, reference: tuple[dict, list]) -> None:
     state, rows = params(out / "generator"), read_rows(out / "metrics.jsonl")
     ref_state, ref_rows = reference
     assert [r["step"] for r in rows] == [1, 2, 3]  # each step logged once
+    assert [r["step"] for r in read_rows(out / "samples.jsonl")] == [1, 2, 3]  # and its texts once
     assert state.keys() == ref_state.keys()
     for k in ref_state:
         assert torch.equal(state[k], ref_state[k]), k

@@ -43,6 +43,13 @@ def test_two_steps_train_the_generator_and_log(tmp_path):
         assert min(phases) >= 0 and sum(phases) <= r["engine_seconds"] and r["engine/train"] > 0
         assert r["time/generation"] > 0 and r["time/reward"] > 0
     assert sorted(p.name for p in (tmp_path / "patterns").iterdir()) == ["step_00001.png", "step_00002.png"]
+    texts = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in texts] == [1, 2]  # each step's texts, beside its metrics row
+    for t, r in zip(texts, rows):
+        assert t["distinct_share"] == r["distinct_share"]
+        counts = [e["count"] for e in t["most_common"]]
+        assert counts == sorted(counts, reverse=True) and sum(counts) <= 8  # 4 prompts × 2 completions
+        assert t["best"]["reward"] >= t["worst"]["reward"]
     saved = load_config(TrainConfig, tmp_path / "config.yaml")
     assert saved == cfg
 

@@ -4,7 +4,8 @@ metric curve and the summary of the transfer check.
 RunLog is a TrainerCallback (TRL's public extension point). Once per generated batch it
 merges the reward's figures (Φ, proxy, raw reward spread, inner-run time) with TRL's logs
 (reward, loss, entropy, completion lengths) into one row of metrics.jsonl and one console
-line, and every `png_every` steps draws the pattern the target holds after the inner run.
+line, writes the batch's texts (the most common, the best and the worst by reward) to
+samples.jsonl, and every `png_every` steps draws the pattern the target holds after the inner run.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class RunLog(TrainerCallback):
         self.total_steps, self.per_step, self.png_every = total_steps, per_step, png_every
         self.batch = batch  # completions per generated batch: x axis of the curves (generated examples)
         self.path = self.out / "metrics.jsonl"
+        self.samples_path = self.out / "samples.jsonl"  # each step's texts (DistinctShare.samples)
         self.last_row: dict[str, Any] = {}
         self._phi_shown = False
         self._clock = time.perf_counter()
@@ -62,11 +64,12 @@ class RunLog(TrainerCallback):
     def resume(self, global_step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (0: a fresh start): they will
         be redone. A last line cut short by a killed run is dropped too."""
-        if self.enabled and self.path.exists():
-            rows = [r for r in read_rows(self.path, partial_ok=True) if r["global_step"] <= global_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.path)  # a kill now leaves the old file or the new one, never half of it
+        for path in (self.path, self.samples_path):
+            if self.enabled and path.exists():
+                rows = [r for r in read_rows(path, partial_ok=True) if r["global_step"] <= global_step]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                os.replace(tmp, path)  # a kill now leaves the old file or the new one, never half of it
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._clock = time.perf_counter()
@@ -90,6 +93,10 @@ class RunLog(TrainerCallback):
         row["time/update"] = max(wall - generation - reward_s, 0.0)
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
+        samples = getattr(self.reward, "samples", None)
+        if samples is not None:
+            with self.samples_path.open("a") as f:
+                f.write(json.dumps({"step": step, "global_step": state.global_step, **samples}, default=float) + "\n")
         self.last_row = row
         if not self._phi_shown and "phi_before" in row:  # once: Φ before and after the first inner run
             self._phi_shown = True
@@ -252,11 +259,11 @@ def results_table(results: list) -> str:
     keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
     figures = [(r.generator, {"Φ": r.metric, **r.proxy, **r.text}) for r in results]
     values = {(n, k): [f[k] for g, f in figures if g == n and k in f] for n in names for k in ["Φ", *keys]}
-    digits = {k: telling_digits([v for n in names for v in _summary(values[n, k])]) for k in ["Φ", *keys]}
+    digits = {k: telling_digits([v for n in names for v in summary_values(values[n, k])]) for k in ["Φ", *keys]}
     lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
     for name in names:
         cells = [name, str(sum(g == name for g, _ in figures))]
-        cells += [_mean_range(values[name, k], digits[k]) for k in ["Φ", *keys]]
+        cells += [mean_range(values[name, k], digits[k]) for k in ["Φ", *keys]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -273,16 +280,16 @@ def telling_digits(values: list[float], least: int = 4, most: int = 12) -> int:
     return most
 
 
-def _summary(values: list[float]) -> list[float]:
-    """What a cell prints: the mean, and the range when there are several."""
+def summary_values(values: list[float]) -> list[float]:
+    """What a cell of a results table prints: the mean, and the range when there are several."""
     if not values:
         return []
     mean = sum(values) / len(values)
     return [mean] if len(values) == 1 else [mean, min(values), max(values)]
 
 
-def _mean_range(values: list[float], digits: int = 4) -> str:
+def mean_range(values: list[float], digits: int = 4) -> str:
     if not values:
         return "—"
-    mean, *spread = _summary(values)
+    mean, *spread = summary_values(values)
     return f"{mean:.{digits}g}" + (f" [{spread[0]:.{digits}g}, {spread[1]:.{digits}g}]" if spread else "")

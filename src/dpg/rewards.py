@@ -242,26 +242,55 @@ class InnerRunReward:
 
 
 class DistinctShare:
-    """A TRL reward callable that also records the share of distinct completions in each
-    generated batch (over every process): a policy collapsing onto a few texts shows here
-    first. Calls, and every other attribute, are the wrapped reward's."""
+    """A TRL reward callable that also records, for each generated batch (over every process),
+    the share of distinct completions and the texts behind it: the most common completions and
+    the best and worst by reward. A policy collapsing onto a few texts shows here first, and
+    `samples` says which texts. Calls, and every other attribute, are the wrapped reward's."""
 
-    def __init__(self, reward):
+    def __init__(self, reward, most_common: int = 3):
         self.reward = reward
         self.__name__ = getattr(reward, "__name__", type(reward).__name__)  # TRL names the reward's logs after it
+        self.most_common = most_common
         self.share: float | None = None  # distinct completions / completions, last generated batch
+        self.samples: dict[str, Any] | None = None  # the last batch's texts, as batch_samples gives them
 
     def __call__(self, prompts, completions, **kwargs):
-        texts = [completion_text(c) for c in completions]
+        rewards = self.reward(prompts=prompts, completions=completions, **kwargs)
+        pairs = list(zip([completion_text(c) for c in completions], rewards))
         group = data_parallel_group()
         if group is not None:  # each process holds a slice of the batch
-            parts: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
-            dist.all_gather_object(parts, texts, group=group)
-            texts = [t for part in parts for t in part]
-        self.share = len(set(texts)) / max(len(texts), 1)
-        return self.reward(prompts=prompts, completions=completions, **kwargs)
+            parts: list[list[tuple[str, float]]] = [[] for _ in range(dist.get_world_size(group))]
+            dist.all_gather_object(parts, pairs, group=group)
+            pairs = [pair for part in parts for pair in part]
+        self.samples = batch_samples(pairs, self.most_common)
+        self.share = self.samples["distinct_share"]
+        return rewards
 
     def __getattr__(self, name):  # only for names not set above: history, metric, decoded, ...
         if "reward" not in self.__dict__:  # a copy being built
             raise AttributeError(name)
         return getattr(self.__dict__["reward"], name)
+
+
+def batch_samples(pairs: list[tuple[str, float]], most_common: int = 3) -> dict[str, Any]:
+    """What a generated batch of (completion text, reward) holds: the share of distinct texts, the
+    `most_common` texts with their counts, and the best and worst text; each text with its mean
+    reward over its copies (None where the reward gave None: TRL's "no reward here")."""
+    by_text: dict[str, list[float]] = {}
+    for text, reward in pairs:
+        by_text.setdefault(text, []).append(reward)
+
+    def entry(text: str) -> dict[str, Any]:
+        values = [v for v in by_text[text] if v is not None]
+        mean = sum(values) / len(values) if values else None
+        return {"text": text, "count": len(by_text[text]), "reward": mean}
+
+    entries = [entry(text) for text in by_text]
+    ranked = sorted((e for e in entries if e["reward"] is not None), key=lambda e: e["reward"])
+    common = sorted(entries, key=lambda e: -e["count"])[:most_common]  # stable: first seen first among ties
+    return {
+        "distinct_share": len(by_text) / max(len(pairs), 1),
+        "most_common": common,
+        "best": ranked[-1] if ranked else None,
+        "worst": ranked[0] if ranked else None,
+    }
