@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from dpg.evaluate import distinct_share  # noqa: E402
 from dpg.report import mean_range, plot_runs, read_rows, summary_values, telling_digits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper"
@@ -52,7 +53,10 @@ def run_rows(demo: str) -> list[tuple[str, list[dict[str, float]] | None]]:
             if name == "base" and had_base:
                 continue
             label = "base" if name == "base" else run if name == "trained" else f"{run} ({name})"
-            rows.setdefault(label, []).append({"Φ": r["metric"], **r["proxy"], **r["text"]})
+            text = r["text"]
+            if "distinct_share" not in text and r.get("samples"):  # files from before dpg evaluate reported it
+                text = text | {"distinct_share": distinct_share(r["samples"])}
+            rows.setdefault(label, []).append({"Φ": r["metric"], **r["proxy"], **text})
     return sorted(rows.items(), key=lambda item: item[0] != "base")  # base first, the rest as found
 
 

@@ -26,8 +26,8 @@ def test_edit_distance_to_substring_by_hand(needle, haystack, d):
 
 
 def test_text_figures():
-    f = text_figures(["id: 1234-5678", "id 1234-567x", "nothing"], None, "1234-5678")
-    assert f == {"exact_rate": 1 / 3, "within_5_rate": 2 / 3}
+    f = text_figures(["id: 1234-5678", "id 1234-567x", "nothing", "nothing"], None, "1234-5678")
+    assert f == {"distinct_share": 3 / 4, "exact_rate": 1 / 4, "within_5_rate": 2 / 4}
 
 
 def test_sampling_is_seeded():

@@ -43,8 +43,13 @@ class TransferResult(NamedTuple):
     samples: list[str]  # the sampled completions
 
 
+def distinct_share(samples: list[str]) -> float:
+    """Distinct samples / samples: near 1 for a diverse generator, near 0 for a collapsed one."""
+    return len(set(samples)) / max(len(samples), 1)
+
+
 def text_figures(samples: list[str], language: str | None, target_string: str | None) -> dict[str, float]:
-    figures = {}
+    figures = {"distinct_share": distinct_share(samples)}
     if language:
         from dpg.baselines import LanguageIdReward
 
