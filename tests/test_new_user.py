@@ -157,6 +157,9 @@ def test_phi_report_by_hand():
 
     assert "warning" in phi_report(-3.9, -13.7, 1e-3) and "recipe.lr = 0.001" in phi_report(-3.9, -13.7, 1e-3)
     assert "warning" not in phi_report(-3.9, -3.8, 5e-6) and "warning" not in phi_report(-3.9, -5.8, 5e-6)
+    # a change far down the digits still shows: an L2 norm of 721 after a step of lr 5e-6
+    assert phi_report(-721.398186, -721.398193) == "Φ before the inner run -721.398186, after -721.398193"
+    assert phi_report(-0.5, -0.25) == "Φ before the inner run -0.5, after -0.25"
 
 
 # ---------------------------------------------------------------- no silent no-ops

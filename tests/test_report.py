@@ -91,6 +91,12 @@ def test_run_log_row_has_examples_entropy_and_distinct_share(tmp_path, capsys):
     assert line.startswith("step    3/10  Φ -0.5") and "entropy 2.5  distinct 0.75" in line
 
 
+def test_console_line_shows_the_inner_runs_gain():
+    row = {"step": 2, "phi": -721.398193, "phi_before": -721.398186, "time/generation": 1.0, "time/reward": 0.5,
+           "time/update": 0.25}  # fmt: skip
+    assert console_line(row, 9).startswith("step    2/9  Φ -721.4  ΔΦ -7e-06  | gen 1.00s")
+
+
 def test_console_line_without_distinct_share():
     row = {"step": 1, "trl/reward": 0.5, "time/generation": 1.0, "time/reward": 0.5, "time/update": 0.25}
     assert console_line(row, 2).startswith("step    1/2  reward 0.5  | gen 1.00s")

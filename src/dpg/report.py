@@ -111,7 +111,8 @@ def phi_report(before: float, after: float, lr: float | None = None, suffix: str
     """Φ before and after an inner run, with a warning when the run made it much worse:
     usually a learning rate far too high for a pretrained model (the paper's is 5e-6), and
     then every score describes the broken model."""
-    line = f"Φ before the inner run {before:.6g}, after {after:.6g}{suffix}"
+    digits = telling_digits([before, after], least=6)  # an L2 norm of 721 moves in its 8th digit
+    line = f"Φ before the inner run {before:.{digits}g}, after {after:.{digits}g}{suffix}"
     if after < before - 0.5 * max(abs(before), 1e-12):
         rate = "recipe.lr" if lr is None else f"recipe.lr = {lr:g}"
         line += (
@@ -125,6 +126,8 @@ def console_line(row: dict[str, Any], total: int) -> str:
     parts = [f"step {row['step']:>4}/{total}"]
     if "phi" in row:
         parts.append(f"Φ {row['phi']:.5g}")
+        if "phi_before" in row:  # the inner run's gain: where Φ's own digits hide it (an L2 norm of 721)
+            parts.append(f"ΔΦ {row['phi'] - row['phi_before']:+.3g}")
     parts += [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in row.items() if k.startswith("proxy/")]
     if "raw_std" in row:
         parts.append(f"raw reward σ {row['raw_std']:.2e}")
