@@ -24,8 +24,9 @@ if [ ${#runs[@]} = 0 ]; then
   grep -q "language_id" "$cfg" && runs+=(language_id embedding)
   grep -q "levenshtein" "$cfg" && runs+=(levenshtein)
 fi
-# SETUP=0 skips the device-machine setup; DEVICE and EXTRA (more overrides) let the same
-# script run anywhere, e.g. on a CPU with tiny models to try it.
+# SETUP=0 skips the device-machine setup; DEVICE, EXTRA (more overrides) and STAGGER_S (seconds
+# between the runs' starts, 15) let the same script run anywhere, e.g. on a CPU with tiny models
+# (tests/test_benchmark_scripts.py does).
 [ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
 piece=${PIECE_MIN:-6.5}  # minutes of training a run and call (time_limit); the rest: loading, transfer check
 out=${OUT:-/tmp/out}; res=benchmarks/results/paper; mkdir -p "$out" "$res" runs/paper
@@ -43,9 +44,9 @@ for run in "${runs[@]}"; do
       python3 -m dpg.cli evaluate "$cfg" $over
     fi
   ) >>"runs/paper/$name.log" 2>&1 &
-  sleep 15  # stagger model loading (the first converts SmolLM2's GGUF into the cache)
+  sleep "${STAGGER_S:-15}"  # stagger model loading (the first converts SmolLM2's GGUF into the cache)
 done
-while [ "$SECONDS" -lt "$deadline" ] && [ -n "$(jobs -rp)" ]; do sleep 5; done
+while [ "$SECONDS" -lt "$deadline" ] && [ -n "$(jobs -rp)" ]; do sleep 1; done
 for p in $(jobs -rp); do pkill -P "$p"; kill "$p" 2>/dev/null; echo "job $p stopped at the deadline"; done
 wait
 left=0

@@ -127,3 +127,62 @@ def test_tf32_grid_counts_by_hand():
     model.w = torch.nn.Parameter(bits.view(torch.float32).clone())
     model.b = torch.nn.Parameter(torch.zeros(3))
     assert grid_shares(model) == {"matrix_weights": 4, "on_tf32_grid": 0.5, "halfway": 0.25}
+
+
+def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
+    """benchmarks/gpu_demo.sh on the CPU with tiny models, as on the device machine: the first
+    call stops both runs (metagrad, naive) at time_limit after step 1, the second resumes them,
+    ends at step 2 and runs the transfer checks; each call files metrics, samples and (once
+    done) evaluate.json under benchmarks/results/paper/ and packs them into $OUT/paper_67.tgz."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    root = SCRIPTS[0].parents[1]
+    shared = root.parent / "shared" / "data" / "lohelp_en_de.tsv"
+    if not shared.is_file():
+        pytest.skip(f"{shared} is absent (the shared data beside the checkout)")
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    for name in ("gpu_demo.sh", "paper_results.py"):  # copies: paper_results files results beside itself
+        shutil.copy(root / "benchmarks" / name, repo / "benchmarks" / name)
+    (repo / "configs").symlink_to(root / "configs")
+    rows = [r for r in shared.read_text().splitlines() if len(r) < 200][:80]
+    (tmp_path / "short.tsv").write_text("\n".join(rows) + "\n")
+    tiny = [
+        "generator.model=tiny-llama", "target.model=tiny-gpt2", "prompts.chat=false", "metric.vocab_offset=0",
+        f"prompts.file={tmp_path / 'short.tsv'}", "prompts.limit=null", "prompts.heldout=4", "grpo.steps=2",
+        "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.updates_per_step=2", "grpo.max_completion_length=6",
+        "grpo.save_every=1", "reward.max_length=16", "reward.tf32=false", "evaluate.samples=4",
+    ]  # fmt: skip
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "SETUP": "0", "DEVICE": "cpu",
+        "STAGGER_S": "0", "PIECE_MIN": "0.0001", "OUT": str(tmp_path / "out"), "EXTRA": " ".join(tiny),
+        "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    results = repo / "benchmarks" / "results" / "paper"
+
+    def call() -> str:
+        done = subprocess.run(["bash", "benchmarks/gpu_demo.sh", "67", "metagrad", "naive"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    assert "not done: run the same command again" in call()  # time_limit stops each run after step 1
+    for name in ("67", "67-naive"):
+        assert [r["step"] for r in map(json.loads, (results / f"{name}.metrics.jsonl").open())] == [1]
+        assert not (results / f"{name}.evaluate.json").exists()
+    assert "all done: 67" in call()  # resumes: step 2, then the transfer check
+    with tarfile.open(tmp_path / "out" / "paper_67.tgz") as tar:
+        packed = set(tar.getnames())
+    for name in ("67", "67-naive"):
+        steps = [r["step"] for r in map(json.loads, (results / f"{name}.metrics.jsonl").open())]
+        texts = [r["step"] for r in map(json.loads, (results / f"{name}.samples.jsonl").open())]
+        assert steps == texts == [1, 2]  # step 1 not redone, step 2 once
+        check = json.loads((results / f"{name}.evaluate.json").read_text())
+        assert [r["generator"] for r in check] == ["base", "trained"] and len(check[1]["samples"]) == 4
+        for ext in ("metrics.jsonl", "samples.jsonl", "evaluate.json"):
+            assert f"benchmarks/results/paper/{name}.{ext}" in packed
+    assert "benchmarks/results/paper/67.curves.png" in packed
