@@ -164,8 +164,9 @@ def run_evaluate(cfg: TrainConfig) -> list[TransferResult]:
 
 def unchanged_note(results: list[TransferResult]) -> str | None:
     """A one-line note when a generator wrote exactly the base generator's samples for every
-    seed: it did not change (a run that trained zero steps, or a learning rate of ~0), and
-    its row equals the base row to every digit for that reason alone."""
+    seed: it did not change, or changed too little to alter a single sampled token (a run of
+    zero steps; a learning rate too small for the steps taken), and its row equals the base row
+    to every digit for that reason alone."""
     base = {r.seed: r.samples for r in results if r.generator == "base"}
     same = [
         name for name in dict.fromkeys(r.generator for r in results if r.generator != "base")
@@ -175,5 +176,6 @@ def unchanged_note(results: list[TransferResult]) -> str | None:
         return None
     return (
         f"note: {', '.join(same)} wrote exactly the base generator's samples on every seed: the generator "
-        "did not change (zero training steps? see train_summary.json and grpo.learning_rate)"
+        "did not change, or too little to alter any sampled token (zero training steps, or a learning rate "
+        "too small for the steps taken? see train_summary.json and grpo.learning_rate)"
     )
