@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dpg.evaluate import distinct_share  # noqa: E402
-from dpg.report import mean_range, plot_runs, read_rows, summary_values, telling_digits  # noqa: E402
+from dpg.data import distinct_share  # noqa: E402
+from dpg.report import figures_table, plot_runs, read_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper"
 RUNS = ("metagrad", "naive", "language_id", "embedding", "levenshtein")
@@ -62,22 +62,7 @@ def run_rows(demo: str) -> list[tuple[str, list[dict[str, float]] | None]]:
 
 def table(demo: str) -> str:
     """One row per generator: the mean over seeds, and the range when there are several."""
-    rows = run_rows(demo)
-    keys = list(dict.fromkeys(k for _, seeds in rows for f in seeds or [] for k in f if k != "Φ"))
-    cells = {(name, k): [f[k] for f in seeds if k in f] for name, seeds in rows if seeds for k in ["Φ", *keys]}
-    digits = {
-        k: telling_digits([v for (_, key), vs in cells.items() if key == k for v in summary_values(vs)],
-                          least=6 if k == "Φ" else 4)
-        for k in ["Φ", *keys]
-    }  # fmt: skip
-    lines = [f"| {demo} | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
-    for name, seeds in rows:
-        if seeds is None:
-            lines.append(f"| {name} | (training) |" + " |" * (1 + len(keys)))
-            continue
-        figures = [mean_range(cells[name, k], digits[k]) for k in ["Φ", *keys]]
-        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(figures) + " |")
-    return "\n".join(lines)
+    return figures_table(demo, run_rows(demo), phi_least=6)
 
 
 def curves(demo: str) -> Path | None:

@@ -200,6 +200,11 @@ def builtin_texts(n: int = 48, seed: int = 0) -> list[str]:
     return texts
 
 
+def distinct_share(texts: list[str]) -> float:
+    """Distinct texts / texts: near 1 for a diverse generator, near 0 for a collapsed one."""
+    return len(set(texts)) / max(len(texts), 1)
+
+
 def completion_text(completion) -> str:
     """TRL hands reward functions plain strings, or for chat models a list of messages
     [{"role": "assistant", "content": ...}]: the text either way."""

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from dpg.config import TrainConfig
-from dpg.data import ascii_only, encode_texts, load_prompts
+from dpg.data import ascii_only, distinct_share, encode_texts, load_prompts
 from dpg.errors import DpgError
 from dpg.metagrad.engine import fine_tune
 from dpg.metagrad.records import proxy_figures
@@ -41,11 +41,6 @@ class TransferResult(NamedTuple):
     text: dict[str, float]  # language share / string rates, when asked for
     decoded: torch.Tensor | None  # the pattern the target holds (pattern metrics)
     samples: list[str]  # the sampled completions
-
-
-def distinct_share(samples: list[str]) -> float:
-    """Distinct samples / samples: near 1 for a diverse generator, near 0 for a collapsed one."""
-    return len(set(samples)) / max(len(samples), 1)
 
 
 def text_figures(samples: list[str], language: str | None, target_string: str | None) -> dict[str, float]:

@@ -255,18 +255,31 @@ def write_report(out_dir: Path, results: list, target_pattern: torch.Tensor | No
 
 
 def results_table(results: list) -> str:
-    """One row per generator of the transfer check (dpg.evaluate.TransferResult rows): mean
-    over seeds (and the range when there are several), each column printed with the digits
-    that tell its different values apart (an L2 norm of 124 moves in its 7th digit)."""
-    names = list(dict.fromkeys(r.generator for r in results))
-    keys = list(dict.fromkeys(k for r in results for k in [*r.proxy, *r.text]))
-    figures = [(r.generator, {"Φ": r.metric, **r.proxy, **r.text}) for r in results]
-    values = {(n, k): [f[k] for g, f in figures if g == n and k in f] for n in names for k in ["Φ", *keys]}
-    digits = {k: telling_digits([v for n in names for v in summary_values(values[n, k])]) for k in ["Φ", *keys]}
-    lines = ["| generator | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
-    for name in names:
-        cells = [name, str(sum(g == name for g, _ in figures))]
-        cells += [mean_range(values[name, k], digits[k]) for k in ["Φ", *keys]]
+    """One row per generator of the transfer check (dpg.evaluate.TransferResult rows)."""
+    names = dict.fromkeys(r.generator for r in results)
+    return figures_table(
+        "generator", [(n, [{"Φ": r.metric, **r.proxy, **r.text} for r in results if r.generator == n]) for n in names]
+    )
+
+
+def figures_table(corner: str, rows: list[tuple[str, list[dict[str, float]] | None]], phi_least: int = 4) -> str:
+    """A markdown table, one row per (name, one figures dict per seed): the mean over seeds (and
+    the range when there are several), each column printed with the digits that tell its values
+    apart (an L2 norm of 124 moves in its 7th digit), Φ with at least `phi_least`. A row whose
+    figures are None has no transfer check yet: "(training)"."""
+    keys = list(dict.fromkeys(k for _, seeds in rows for f in seeds or [] for k in f if k != "Φ"))
+    values = {(n, k): [f[k] for f in seeds if k in f] for n, seeds in rows if seeds for k in ["Φ", *keys]}
+    digits = {
+        k: telling_digits([v for (_, key), vs in values.items() if key == k for v in _summary(vs)],
+                          least=phi_least if k == "Φ" else 4)
+        for k in ["Φ", *keys]
+    }  # fmt: skip
+    lines = [f"| {corner} | seeds | Φ | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    for name, seeds in rows:
+        if seeds is None:
+            lines.append(f"| {name} | (training) |" + " |" * (1 + len(keys)))
+            continue
+        cells = [name, str(len(seeds)), *(_mean_range(values[name, k], digits[k]) for k in ["Φ", *keys])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -283,7 +296,7 @@ def telling_digits(values: list[float], least: int = 4, most: int = 12) -> int:
     return most
 
 
-def summary_values(values: list[float]) -> list[float]:
+def _summary(values: list[float]) -> list[float]:
     """What a cell of a results table prints: the mean, and the range when there are several."""
     if not values:
         return []
@@ -291,8 +304,8 @@ def summary_values(values: list[float]) -> list[float]:
     return [mean] if len(values) == 1 else [mean, min(values), max(values)]
 
 
-def mean_range(values: list[float], digits: int = 4) -> str:
+def _mean_range(values: list[float], digits: int = 4) -> str:
     if not values:
         return "—"
-    mean, *spread = summary_values(values)
+    mean, *spread = _summary(values)
     return f"{mean:.{digits}g}" + (f" [{spread[0]:.{digits}g}, {spread[1]:.{digits}g}]" if spread else "")

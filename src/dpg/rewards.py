@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dpg.data import completion_text, encode_texts
+from dpg.data import completion_text, distinct_share, encode_texts
 from dpg.errors import DpgError
 from dpg.metagrad.parallel import data_parallel_group, summed
 from dpg.metagrad.engine import Examples, Recipe, example_metagrads, fine_tune
@@ -289,7 +289,7 @@ def batch_samples(pairs: list[tuple[str, float]], most_common: int = 3) -> dict[
     ranked = sorted((e for e in entries if e["reward"] is not None), key=lambda e: e["reward"])
     common = sorted(entries, key=lambda e: -e["count"])[:most_common]  # stable: first seen first among ties
     return {
-        "distinct_share": len(by_text) / max(len(pairs), 1),
+        "distinct_share": distinct_share([text for text, _ in pairs]),
         "most_common": common,
         "best": ranked[-1] if ranked else None,
         "worst": ranked[0] if ranked else None,
