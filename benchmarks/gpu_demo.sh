@@ -27,6 +27,10 @@ fi
 # SETUP=0 skips the device-machine setup; DEVICE, EXTRA (more overrides) and STAGGER_S (seconds
 # between the runs' starts, 15) let the same script run anywhere, e.g. on a CPU with tiny models
 # (tests/test_benchmark_scripts.py does).
+# Across sessions (the device machine's disk does not outlive one): CARRY_OUT=DIR packs each
+# unfinished run into DIR once the runs stop (benchmarks/carry_run.py: ~8 parts of 14 MiB for
+# SmolLM2, brought back with `carry_run.py batch DIR $OUT N`, N = 0, 1, ...), and CARRY_IN=DIR
+# rebuilds a run from its parts there before it starts, so it resumes where it stopped.
 [ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
 piece=${PIECE_MIN:-6.5}  # minutes of training a run and call (time_limit); the rest: loading, transfer check
 out=${OUT:-/tmp/out}; res=benchmarks/results/paper; mkdir -p "$out" "$res" runs/paper
@@ -38,6 +42,9 @@ for run in "${runs[@]}"; do
   [ "$run" = metagrad ] || over="$over reward.name=$run"
   [ "$run" = naive ] && over="$over reward.cross_group_batching=false"
   (
+    if [ -n "${CARRY_IN:-}" ] && [ -f "$CARRY_IN/$name.carry.json" ] && [ ! -d "runs/paper/$name" ]; then
+      python3 benchmarks/carry_run.py unpack "$CARRY_IN" "runs/paper/$name" || exit
+    fi
     if [ ! -d "runs/paper/$name/generator" ]; then python3 -m dpg.cli train "$cfg" $over || exit; fi
     # PARTIAL=1: also check an unfinished run (dpg evaluate then takes its latest checkpoint)
     if { [ -d "runs/paper/$name/generator" ] || [ "${PARTIAL:-0}" = 1 ]; } && [ ! -f "runs/paper/$name/evaluate.json" ]; then
@@ -59,6 +66,12 @@ for run in "${runs[@]}"; do
   [ -f "runs/paper/$name/evaluate.json" ] && cp "runs/paper/$name/evaluate.json" "$res/$name.evaluate.json" || left=1
 done
 python3 benchmarks/paper_results.py "$base" 2>&1 | tail -2
+if [ -n "${CARRY_OUT:-}" ]; then  # after the deadline: leave time for this (~1 min) and the calls that bring it back
+  for run in "${runs[@]}"; do
+    name=$base; [ "$run" = metagrad ] || name=$base-$run
+    [ -d "runs/paper/$name/generator" ] || python3 benchmarks/carry_run.py pack "runs/paper/$name" "$CARRY_OUT"
+  done
+fi
 shopt -s nullglob
 tar czf "$out/paper_$base.tgz" $res/$base.* $res/$base-*.* runs/paper/$base.log runs/paper/$base-*.log
 [ $left = 0 ] && echo "all done: $base" || echo "not done: run the same command again to resume"

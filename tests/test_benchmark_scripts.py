@@ -129,16 +129,12 @@ def test_tf32_grid_counts_by_hand():
     assert grid_shares(model) == {"matrix_weights": 4, "on_tf32_grid": 0.5, "halfway": 0.25}
 
 
-def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
-    """benchmarks/gpu_demo.sh on the CPU with tiny models, as on the device machine: the first
-    call stops both runs (metagrad, naive) at time_limit after step 1, the second resumes them,
-    ends at step 2 and runs the transfer checks; each call files metrics, samples and (once
-    done) evaluate.json under benchmarks/results/paper/ and packs them into $OUT/paper_67.tgz."""
+def demo_repo(tmp_path: Path) -> tuple[Path, dict, Path]:
+    """A copy of the benchmark scripts gpu_demo.sh runs, with the configs, and the environment
+    that makes it train tiny models on the CPU: (repo, env, results folder)."""
     import os
     import shutil
-    import subprocess
     import sys
-    import tarfile
 
     root = SCRIPTS[0].parents[1]
     shared = root.parent / "shared" / "data" / "lohelp_en_de.tsv"
@@ -146,7 +142,7 @@ def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
         pytest.skip(f"{shared} is absent (the shared data beside the checkout)")
     repo = tmp_path / "repo"
     (repo / "benchmarks").mkdir(parents=True)
-    for name in ("gpu_demo.sh", "paper_results.py"):  # copies: paper_results files results beside itself
+    for name in ("gpu_demo.sh", "paper_results.py", "carry_run.py"):  # copies: results go beside them
         shutil.copy(root / "benchmarks" / name, repo / "benchmarks" / name)
     (repo / "configs").symlink_to(root / "configs")
     rows = [r for r in shared.read_text().splitlines() if len(r) < 200][:80]
@@ -162,27 +158,57 @@ def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
         "STAGGER_S": "0", "PIECE_MIN": "0.0001", "OUT": str(tmp_path / "out"), "EXTRA": " ".join(tiny),
         "OMP_NUM_THREADS": "1",
     }  # fmt: skip
-    results = repo / "benchmarks" / "results" / "paper"
+    return repo, env, repo / "benchmarks" / "results" / "paper"
 
-    def call() -> str:
-        done = subprocess.run(["bash", "benchmarks/gpu_demo.sh", "67", "metagrad", "naive"], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return done.stdout
 
-    assert "not done: run the same command again" in call()  # time_limit stops each run after step 1
+def gpu_demo(repo: Path, env: dict, *runs: str) -> str:
+    import subprocess
+
+    done = subprocess.run(["bash", "benchmarks/gpu_demo.sh", "67", *runs], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def steps_in(path: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, path.open())]
+
+
+def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
+    """benchmarks/gpu_demo.sh on the CPU with tiny models, as on the device machine: the first
+    call stops both runs (metagrad, naive) at time_limit after step 1, the second resumes them,
+    ends at step 2 and runs the transfer checks; each call files metrics, samples and (once
+    done) evaluate.json under benchmarks/results/paper/ and packs them into $OUT/paper_67.tgz."""
+    import tarfile
+
+    repo, env, results = demo_repo(tmp_path)
+    assert "not done: run the same command again" in gpu_demo(repo, env, "metagrad", "naive")  # stops after step 1
     for name in ("67", "67-naive"):
-        assert [r["step"] for r in map(json.loads, (results / f"{name}.metrics.jsonl").open())] == [1]
+        assert steps_in(results / f"{name}.metrics.jsonl") == [1]
         assert not (results / f"{name}.evaluate.json").exists()
-    assert "all done: 67" in call()  # resumes: step 2, then the transfer check
+    assert "all done: 67" in gpu_demo(repo, env, "metagrad", "naive")  # resumes: step 2, then the transfer check
     with tarfile.open(tmp_path / "out" / "paper_67.tgz") as tar:
         packed = set(tar.getnames())
     for name in ("67", "67-naive"):
-        steps = [r["step"] for r in map(json.loads, (results / f"{name}.metrics.jsonl").open())]
-        texts = [r["step"] for r in map(json.loads, (results / f"{name}.samples.jsonl").open())]
+        steps, texts = steps_in(results / f"{name}.metrics.jsonl"), steps_in(results / f"{name}.samples.jsonl")
         assert steps == texts == [1, 2]  # step 1 not redone, step 2 once
         check = json.loads((results / f"{name}.evaluate.json").read_text())
         assert [r["generator"] for r in check] == ["base", "trained"] and len(check[1]["samples"]) == 4
         for ext in ("metrics.jsonl", "samples.jsonl", "evaluate.json"):
             assert f"benchmarks/results/paper/{name}.{ext}" in packed
     assert "benchmarks/results/paper/67.curves.png" in packed
+
+
+def test_gpu_demo_carries_a_run_to_a_fresh_machine(tmp_path):
+    """CARRY_OUT packs the stopped run; on a machine that has only those parts (runs/ gone),
+    CARRY_IN rebuilds it and the run resumes at step 2 instead of starting over."""
+    import shutil
+
+    repo, env, results = demo_repo(tmp_path)
+    parts = tmp_path / "parts"
+    assert "not done" in gpu_demo(repo, env | {"CARRY_OUT": str(parts)}, "metagrad")
+    assert (parts / "67.carry.json").is_file() and steps_in(results / "67.metrics.jsonl") == [1]
+    shutil.rmtree(repo / "runs")  # the next session's machine: a bare disk and the parts
+    assert "all done: 67" in gpu_demo(repo, env | {"CARRY_IN": str(parts)}, "metagrad")
+    assert steps_in(results / "67.metrics.jsonl") == steps_in(results / "67.samples.jsonl") == [1, 2]
+    assert "resuming from runs/paper/67/checkpoint-2" in (repo / "runs" / "paper" / "67.log").read_text()
