@@ -35,3 +35,17 @@ def test_train_estimate_update_in_bf16_and_completion_logits():
     lean = memory.estimate_train(g, g, **kw, completion_length=3, update_bytes=2).parts["generator activations"]
     assert full == 12_800 + 16_000
     assert lean == 6_400 + 4_800
+
+
+def test_train_estimate_counts_one_pass_of_an_update_in_passes():
+    """grpo.update_microbatch: the policy update holds one pass's activations, not the mini-batch's."""
+    from dpg.config import TrainConfig, load_config
+    from dpg.models import load_model
+
+    g = load_model("tiny-llama")[0]
+    parts = {}
+    for micro in (0, 4):
+        cfg = load_config(TrainConfig, None, ["reward.name=levenshtein", "grpo.prompts_per_step=4",
+                                              "grpo.num_generations=4", f"grpo.update_microbatch={micro}"])  # fmt: skip
+        parts[micro] = memory.train_estimate(cfg, g, g, torch.device("cpu"), prompt_tokens=2).parts
+    assert parts[0]["generator activations"] == 4 * parts[4]["generator activations"]  # 16 sequences, then 4

@@ -175,6 +175,36 @@ def test_grpo_config_maps_steps_and_batches():
     assert args.max_steps == 10 * 2 * 3 and args.per_device_train_batch_size == 16 and args.steps_per_generation == 2
     assert args.generation_batch_size == 32 and args.logging_steps == 6 and args.save_steps == 30
     assert args.beta == 0.0 and args.num_generations == 4 and args.num_iterations == 3
+    assert args.gradient_accumulation_steps == 1
+    cfg.grpo.update_microbatch = 4  # each update of 16 sequences in 4 passes: same optimizer steps, same batches
+    args = grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
+    assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 4
+    assert args.steps_per_generation == 8 and args.generation_batch_size == 32 and args.max_steps == 60
+    cfg.grpo.update_microbatch = 5
+    with pytest.raises(DpgError, match="update_microbatch = 5 does not divide the 16 sequences"):
+        grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_update_in_passes_trains_the_same_generator(tmp_path, loss_type):
+    """grpo.update_microbatch accumulates gradients over passes: the same samples, rewards and
+    optimizer steps, so the same generator as updating each mini-batch in one pass. SGD for the
+    generator, whose step is linear in the gradient (Adam's first step, g/|g|, would turn rounding
+    in a near-zero gradient into a whole step); a Llama generator, which draws no dropout masks."""
+    more = ["grpo.steps=2", "grpo.updates_per_step=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+            f"grpo.loss_type={loss_type}", "generator.model=tiny-llama", "grpo.extra={optim: sgd}",
+            "grpo.learning_rate=0.5"]  # fmt: skip
+    whole = load_model(str(run_train(tiny(tmp_path / "whole", *more))))[0].state_dict()
+    passes = load_model(str(run_train(tiny(tmp_path / "passes", *more, "grpo.update_microbatch=2"))))[0].state_dict()
+    rows = [[json.loads(r) for r in (tmp_path / n / "metrics.jsonl").open()] for n in ("whole", "passes")]
+    assert [r["trl/reward_std"] for r in rows[0]] == [r["trl/reward_std"] for r in rows[1]]  # the same samples
+    for a, b in zip(*rows, strict=True):
+        assert math.isclose(a["trl/grad_norm"], b["trl/grad_norm"], rel_tol=1e-5)
+    base = load_model("tiny-llama")[0].state_dict()
+    for k in whole:
+        moved = (whole[k] - base[k]).abs().max().item()
+        assert moved > 1e-4, k  # the updates moved every tensor, so the comparison can fail
+        assert (passes[k] - whole[k]).abs().max().item() <= 1e-4 * moved, k
 
 
 @pytest.mark.parametrize(

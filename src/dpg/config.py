@@ -238,6 +238,7 @@ class GRPOSettings:
     learning_rate: float = 5e-6  # generator learning rate (AdamW)
     lr_schedule: str = "constant"  # constant | linear | cosine (transformers schedulers)
     updates_per_step: int = 1  # optimizer steps per generated batch (it is cut into this many mini-batches)
+    update_microbatch: int = 0  # sequences per pass of a policy update (gradients accumulate); 0: the mini-batch
     num_iterations: int = 1  # passes over each generated batch; >1 reuses it under the clipped ratio
     epsilon: float = 0.2  # PPO clip range of the policy ratio
     beta: float = 0.0  # KL coefficient; 0 loads no reference model

@@ -207,7 +207,7 @@ def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: 
         model_shape(target), model_shape(generator), examples=per_run if inner else 0, length=r.max_length,
         steps=cfg.recipe.steps, optimizer=cfg.recipe.optimizer, microbatch=cfg.recipe.microbatch_size,
         nbytes=8 if cfg.dtype == "float64" else 4,
-        sequences=g.prompts_per_step * g.num_generations // g.updates_per_step,
+        sequences=g.update_microbatch or g.prompts_per_step * g.num_generations // g.updates_per_step,
         sequence_length=prompt_tokens + g.max_completion_length, reference=g.beta > 0, device=device,
         completion_length=g.max_completion_length,
         update_bytes=2 if g.bf16_update(device.type) else 4,

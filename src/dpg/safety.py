@@ -46,6 +46,7 @@ def check_settings(cfg) -> None:
         "grpo.num_generations": (g.num_generations, 1), "grpo.max_completion_length": (g.max_completion_length, 1),
         "grpo.updates_per_step": (g.updates_per_step, 1), "grpo.num_iterations": (g.num_iterations, 1),
         "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
+        "grpo.update_microbatch": (g.update_microbatch, 0),
         "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
         "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
         "prompts.max_tokens": (cfg.prompts.max_tokens, 1), "evaluate.samples": (cfg.evaluate.samples, 1),

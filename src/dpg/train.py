@@ -65,8 +65,8 @@ COMPUTED = {
     "output_dir": "output_dir", "seed": "seed", "use_cpu": "device",
     "bf16": "grpo.precision", "fp16": "grpo.precision", "gradient_checkpointing": "grpo.gradient_checkpointing",
     "learning_rate": "grpo.learning_rate", "lr_scheduler_type": "grpo.lr_schedule", "max_steps": "grpo.steps",
-    "num_train_epochs": "grpo.steps", "per_device_train_batch_size": "grpo.prompts_per_step and grpo.updates_per_step",
-    "gradient_accumulation_steps": "grpo.updates_per_step", "steps_per_generation": "grpo.updates_per_step",
+    "num_train_epochs": "grpo.steps", "per_device_train_batch_size": "grpo.update_microbatch",
+    "gradient_accumulation_steps": "grpo.update_microbatch", "steps_per_generation": "grpo.updates_per_step",
     "generation_batch_size": "grpo.prompts_per_step", "num_generations": "grpo.num_generations",
     "temperature": "grpo.temperature", "max_completion_length": "grpo.max_completion_length",
     "num_iterations": "grpo.num_iterations", "epsilon": "grpo.epsilon", "beta": "grpo.beta",
@@ -99,11 +99,16 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
             f"updates_per_step = {g.updates_per_step} mini-batches over {world} process(es)"
         )
     per_step = g.updates_per_step * g.num_iterations  # optimizer steps per generated batch
+    minibatch = batch // (g.updates_per_step * world)  # sequences per optimizer step and process
+    micro = g.update_microbatch or minibatch  # sequences per forward/backward pass
+    if minibatch % micro:
+        raise DpgError(f"grpo.update_microbatch = {micro} does not divide the {minibatch} sequences of a policy update")
     bf16 = g.bf16_update(device.type)
     kwargs = dict(
         output_dir=cfg.output_dir, seed=cfg.seed, use_cpu=device.type == "cpu", bf16=bf16, fp16=False,
         learning_rate=g.learning_rate, lr_scheduler_type=g.lr_schedule, max_steps=g.steps * per_step,
-        per_device_train_batch_size=batch // (g.updates_per_step * world), steps_per_generation=g.updates_per_step,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=minibatch // micro,
+        steps_per_generation=g.updates_per_step * (minibatch // micro),
         num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_completion_length,
         num_iterations=g.num_iterations, epsilon=g.epsilon, beta=g.beta, loss_type=g.loss_type,
         scale_rewards=g.scale_rewards, logging_steps=per_step, report_to=g.report_to, disable_tqdm=True,
