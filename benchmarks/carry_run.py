@@ -138,6 +138,8 @@ def bundle(run: Path) -> tuple[bytes, Path]:
 def pack(run: Path, dest: Path, part_mib: float) -> list[Path]:
     data, checkpoint = bundle(run)
     dest.mkdir(parents=True, exist_ok=True)
+    for stale in dest.glob(f"{run.name}.carry.*"):  # an earlier pack's parts would travel for nothing
+        stale.unlink()
     size = int(part_mib * MIB)
     parts = []
     for i in range(0, max(len(data), 1), size):

@@ -49,8 +49,11 @@ def test_a_run_packed_in_parts_resumes_where_it_stopped(tmp_path):
     first = run_train(tiny(run, "grpo.steps=3", "grpo.save_every=1", "time_limit=1e-6"))
     assert first is None and (run / "checkpoint-1" / SEAL).is_file()  # stopped after step 1
     (run / "evaluate.json").write_text("{}")  # describes a generator the resumed run leaves behind
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "run.carry.99").write_bytes(b"an earlier pack's")
     parts = carry.pack(run, tmp_path / "parts", part_mib=0.02)
     assert len(parts) > 2  # really cut into parts
+    assert sorted((tmp_path / "parts").iterdir()) == sorted([*parts, tmp_path / "parts" / "run.carry.json"])
     manifest = json.loads((tmp_path / "parts" / "run.carry.json").read_text())
     assert manifest["checkpoint"] == "checkpoint-1" and len(manifest["parts"]) == len(parts)
 
