@@ -180,19 +180,24 @@ def test_grpo_config_maps_steps_and_batches():
     args = grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
     assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 4
     assert args.steps_per_generation == 8 and args.generation_batch_size == 32 and args.max_steps == 60
+    assert args.disable_dropout  # the policy's dropout is off unless grpo.extra keeps it
+    cfg.grpo.extra = {"disable_dropout": False}
+    assert not grpo_config(cfg, torch.device("cpu"), byte_tokenizer()).disable_dropout
+    cfg.grpo.extra = {}
     cfg.grpo.update_microbatch = 5
     with pytest.raises(DpgError, match="update_microbatch = 5 does not divide the 16 sequences"):
         grpo_config(cfg, torch.device("cpu"), byte_tokenizer())
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_update_in_passes_trains_the_same_generator(tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type,generator", [("grpo", "tiny-llama"), ("dapo", "tiny-llama"), ("grpo", "tiny-gpt2")])
+def test_update_in_passes_trains_the_same_generator(tmp_path, loss_type, generator):
     """grpo.update_microbatch accumulates gradients over passes: the same samples, rewards and
     optimizer steps, so the same generator as updating each mini-batch in one pass. SGD for the
     generator, whose step is linear in the gradient (Adam's first step, g/|g|, would turn rounding
-    in a near-zero gradient into a whole step); a Llama generator, which draws no dropout masks."""
+    in a near-zero gradient into a whole step). tiny-gpt2 has dropout 0.1 in its config: it holds
+    only because dpg turns the policy's dropout off (its masks would differ between the two)."""
     more = ["grpo.steps=2", "grpo.updates_per_step=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
-            f"grpo.loss_type={loss_type}", "generator.model=tiny-llama", "grpo.extra={optim: sgd}",
+            f"grpo.loss_type={loss_type}", f"generator.model={generator}", "grpo.extra={optim: sgd}",
             "grpo.learning_rate=0.5"]  # fmt: skip
     whole = load_model(str(run_train(tiny(tmp_path / "whole", *more))))[0].state_dict()
     passes = load_model(str(run_train(tiny(tmp_path / "passes", *more, "grpo.update_microbatch=2"))))[0].state_dict()
@@ -200,7 +205,7 @@ def test_update_in_passes_trains_the_same_generator(tmp_path, loss_type):
     assert [r["trl/reward_std"] for r in rows[0]] == [r["trl/reward_std"] for r in rows[1]]  # the same samples
     for a, b in zip(*rows, strict=True):
         assert math.isclose(a["trl/grad_norm"], b["trl/grad_norm"], rel_tol=1e-5)
-    base = load_model("tiny-llama")[0].state_dict()
+    base = load_model(generator)[0].state_dict()
     for k in whole:
         moved = (whole[k] - base[k]).abs().max().item()
         assert moved > 1e-4, k  # the updates moved every tensor, so the comparison can fail

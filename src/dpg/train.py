@@ -114,6 +114,7 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
         scale_rewards=g.scale_rewards, logging_steps=per_step, report_to=g.report_to, disable_tqdm=True,
         save_strategy="steps" if g.save_every else "no", save_steps=max(g.save_every, 1) * per_step,
         generation_kwargs={"suppress_tokens": ascii_only(generator_tok)} if g.allowed_tokens == "ascii" else None,
+        disable_dropout=True,  # one policy, not a dropout draw, in π/π_old (TRL's default keeps it; extra may too)
     )  # fmt: skip
     # grpo.gradient_checkpointing (dpg's default: off; TRL's: on), under the name this transformers
     # reads: from 5.x `activation_checkpointing`, which wins over the deprecated old name when set.
