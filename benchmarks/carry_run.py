@@ -3,8 +3,9 @@
 The device machine's disk does not outlive a session (30 minutes), and what moves between it and
 this machine goes in calls of at most 64 MiB (files back: 8 a call, 16 MiB each). A full
 checkpoint of SmolLM2-135M as the generator is 1.6 GB (fp32 weights 0.54 GB, AdamW moments
-1.08 GB); this packs the part that matters into ~8 parts of 14 MiB, so a run that needs more
-steps than one session gives (the paper's UUID: 360) goes on in the next session.
+1.08 GB); this packs the part that matters into ~9 parts of 14 MiB, so a run that needs more
+steps than one session gives (the paper's UUID: 360) goes on in a later session, wherever those
+parts can be kept in between (the machine that drives the device calls must keep them too).
 
     python benchmarks/carry_run.py pack RUN_DIR DEST [--part-mib 14]   # on the machine that trained
     python benchmarks/carry_run.py unpack SRC RUN_DIR                  # on the next machine
