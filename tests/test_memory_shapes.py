@@ -49,3 +49,32 @@ def test_train_estimate_counts_one_pass_of_an_update_in_passes():
                                               "grpo.num_generations=4", f"grpo.update_microbatch={micro}"])  # fmt: skip
         parts[micro] = memory.train_estimate(cfg, g, g, torch.device("cpu"), prompt_tokens=2).parts
     assert parts[0]["generator activations"] == 4 * parts[4]["generator activations"]  # 16 sequences, then 4
+
+
+def test_parts_held_apart_count_only_the_larger_group():
+    e = memory.Estimate({"model": 5, "a1": 3, "a2": 4, "b": 6, "cache": 1}, "cpu", apart=(("a1", "a2"), ("b",)))
+    assert e.total == 5 + 1 + max(3 + 4, 6)
+    assert memory.Estimate({"model": 5, "b": 6}, "cpu").total == 11  # no groups: everything at once
+
+
+def test_sampler_kv_cache_by_hand():
+    """tiny-llama: 2 layers, 2 key/value heads (of 4) of width 64 / 4 = 16."""
+    from dpg.config import TrainConfig, load_config
+    from dpg.models import load_model
+
+    shape = memory.model_shape(load_model("tiny-llama")[0])
+    assert (shape.kv_heads, shape.head_dim) == (2, 16)
+    assert memory.kv_cache_bytes(shape, sequences=8, length=10, nbytes=2) == 2 * 2 * 8 * 2 * 16 * 10 * 2
+    g = load_model("tiny-llama")[0]
+    over = ["grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.max_completion_length=6"]
+    cfg = load_config(TrainConfig, None, over)
+    e = memory.train_estimate(cfg, g, g, torch.device("cpu"), prompt_tokens=4)
+    assert e.parts["sampler KV cache"] == 2 * 2 * 8 * 2 * 16 * 10 * 4  # fp32 on the CPU: the policy's dtype
+    cuda = memory.train_estimate(cfg, g, g, torch.device("cuda"), prompt_tokens=4)
+    assert cuda.parts["sampler KV cache"] == e.parts["sampler KV cache"] // 2  # bf16 there (sampler_dtype auto)
+    trl = memory.train_estimate(load_config(TrainConfig, None, [*over, "grpo.sampler=trl"]), g, g,
+                                torch.device("cpu"), prompt_tokens=4)  # fmt: skip
+    assert "sampler KV cache" not in trl.parts
+    inner = sum(v for k, v in e.parts.items() if k.startswith("inner run: "))
+    update = e.parts["generator activations"]
+    assert e.total == sum(e.parts.values()) - min(inner, update)  # the inner run and the update never overlap

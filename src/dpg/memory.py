@@ -18,6 +18,10 @@ The estimate counts what the engine holds at its peak (metagrad/engine.py):
     vocabulary) logits, the softmax and their gradient — with a 262k-token vocabulary
     these dominate as soon as a microbatch holds a few thousand tokens;
   - the Python / torch runtime itself.
+`dpg train` adds the GRPO side: the generator with AdamW's moments, dpg's sampler's static KV
+cache (kept from step to step, for its CUDA graph), and one policy update's activations. A
+step runs the reward's inner run and then the policy updates, so the two sets of activations
+are never held at once: the estimate takes the larger (`Estimate.apart`).
 It is checked against measured peaks in tests/test_new_user.py (within 0.5×–2×) and the
 README's "Memory" table.
 """
@@ -46,18 +50,24 @@ class ModelShape(NamedTuple):
     heads: int  # attention heads
     scores: bool = True  # attention keeps its (heads × length²) scores for backward (eager); SDPA and flash do not
     largest: int = 0  # elements of the largest trainable parameter (0: unknown, taken as all trainable)
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as `heads`
+    head_dim: int = 0  # width of one head; 0: hidden // heads
 
 
 class Estimate(NamedTuple):
     parts: dict[str, int]  # bytes, by what holds them
     device: str  # "cpu" or "cuda:N": where they are held
+    apart: tuple[tuple[str, ...], ...] = ()  # groups of parts held at different times: only the largest counts
 
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        grouped = {name for group in self.apart for name in group}
+        held = sum(v for k, v in self.parts.items() if k not in grouped)
+        return held + max((sum(self.parts.get(k, 0) for k in group) for group in self.apart), default=0)
 
     def describe(self) -> str:
-        return ", ".join(f"{k} {v / GB:.1f} GB" for k, v in self.parts.items() if v >= 0.05 * GB)
+        text = ", ".join(f"{k} {v / GB:.1f} GB" for k, v in self.parts.items() if v >= 0.05 * GB)
+        return text + ("; the larger of the inner run's and the update's counted" if self.apart else "")
 
 
 def model_shape(model) -> ModelShape:
@@ -84,6 +94,8 @@ def model_shape(model) -> ModelShape:
         heads=get("num_attention_heads", "n_head", default=1),
         scores=getattr(config, "_attn_implementation", None) in (None, "eager"),
         largest=max((p.numel() for p in unique if p.requires_grad), default=0),
+        kv_heads=get("num_key_value_heads", "n_head", "num_attention_heads", default=1),
+        head_dim=get("head_dim", default=0) or hidden // max(get("num_attention_heads", "n_head", default=1), 1),
     )
 
 
@@ -167,15 +179,23 @@ def estimate_attribute(shape: ModelShape, *, examples: int, length: int, steps: 
     return Estimate(parts, str(device))
 
 
+def kv_cache_bytes(model: ModelShape, sequences: int, length: int, nbytes: int) -> int:
+    """A static KV cache: keys and values of every layer, `sequences` × `length` slots."""
+    heads = model.kv_heads or model.heads
+    width = model.head_dim or model.hidden // max(model.heads, 1)
+    return 2 * model.layers * sequences * heads * width * length * nbytes
+
+
 def estimate_train(target: ModelShape, generator: ModelShape, *, examples: int, length: int, steps: int,
                    optimizer: str, microbatch: int | None, nbytes: int, sequences: int, sequence_length: int,
                    reference: bool, device: torch.device, offload: str = "cpu", completion_length: int | None = None,
-                   update_bytes: int = 4) -> Estimate:  # fmt: skip
+                   update_bytes: int = 4, sampler_cache: int = 0) -> Estimate:  # fmt: skip
     """dpg train: the target and one inner run of `examples` completions (metagrad reward),
     and the GRPO side — generator weights, gradient and AdamW's two moments in fp32, a KL
-    reference model, and one update's activations (`sequences` of `sequence_length`, the
-    trunk's in `update_bytes` — 2 under bf16 autocast — and the head's logits over the
-    `completion_length` positions TRL scores, in fp32)."""
+    reference model, the sampler's KV cache (`sampler_cache` bytes), and one update's
+    activations (`sequences` of `sequence_length`, the trunk's in `update_bytes` — 2 under bf16
+    autocast — and the head's logits over the `completion_length` positions TRL scores, in
+    fp32). The inner run and the update come one after the other: only the larger counts."""
     parts = {"runtime": RUNTIME if device.type == "cpu" else 0, "target (fp32)": target.params * 4}
     engine = {}
     if examples:  # metagrad / naive rewards: one inner run at a time
@@ -184,10 +204,13 @@ def estimate_train(target: ModelShape, generator: ModelShape, *, examples: int, 
                               host_store=device.type == "cuda" and offload != "device")  # fmt: skip
     parts |= {f"inner run: {k}": v for k, v in engine.items()}
     parts["generator + AdamW"] = generator.params * 4 * (4 + int(reference))
+    if sampler_cache:
+        parts["sampler KV cache"] = sampler_cache
     parts["generator activations"] = activation_bytes(
         generator, sequences, sequence_length, update_bytes, False, head_length=completion_length, head_nbytes=4
     )
-    return Estimate(parts, str(device))
+    apart = (tuple(f"inner run: {k}" for k in engine), ("generator activations",))
+    return Estimate(parts, str(device), apart)
 
 
 TRAIN_FIXES = (
@@ -201,6 +224,7 @@ def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: 
     """estimate_train for a dpg train config (a TrainConfig) and the loaded models;
     `prompt_tokens`: the longest prompt, in generator tokens."""
     g, r = cfg.grpo, cfg.reward
+    cache = sampler_cache_bytes(cfg, generator, device, prompt_tokens)
     inner = r.name in ("metagrad", "naive")
     per_run = g.prompts_per_step * (g.num_generations if r.name == "metagrad" and r.cross_group_batching else 1)
     return estimate_train(
@@ -210,8 +234,18 @@ def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: 
         sequences=g.update_microbatch or g.prompts_per_step * g.num_generations // g.updates_per_step,
         sequence_length=prompt_tokens + g.max_completion_length, reference=g.beta > 0, device=device,
         completion_length=g.max_completion_length,
-        update_bytes=2 if g.bf16_update(device.type) else 4,
+        update_bytes=2 if g.bf16_update(device.type) else 4, sampler_cache=cache,
     )  # fmt: skip
+
+
+def sampler_cache_bytes(cfg, generator, device: torch.device, prompt_tokens: int) -> int:
+    """dpg's sampler's static KV cache for a generated batch (0 with TRL's own sampler)."""
+    g = cfg.grpo
+    if g.sampler != "dpg":
+        return 0
+    bf16 = g.sampler_dtype == "bfloat16" or (g.sampler_dtype == "auto" and device.type == "cuda")
+    batch = g.prompts_per_step * g.num_generations
+    return kv_cache_bytes(model_shape(generator), batch, prompt_tokens + g.max_completion_length, 2 if bf16 else 4)
 
 
 def available_bytes(device: torch.device) -> int:
