@@ -64,14 +64,12 @@ for run in "${runs[@]}"; do
     [ -f "runs/paper/$name/$f.jsonl" ] && cp "runs/paper/$name/$f.jsonl" "$res/$name.$f.jsonl"
   done
   [ -f "runs/paper/$name/evaluate.json" ] && cp "runs/paper/$name/evaluate.json" "$res/$name.evaluate.json" || left=1
+  # CARRY_OUT, after the deadline: leave time for this (~15 s a run) and the calls that bring it back
+  if [ -n "${CARRY_OUT:-}" ] && [ ! -d "runs/paper/$name/generator" ]; then
+    python3 benchmarks/carry_run.py pack "runs/paper/$name" "$CARRY_OUT"
+  fi
 done
 python3 benchmarks/paper_results.py "$base" 2>&1 | tail -2
-if [ -n "${CARRY_OUT:-}" ]; then  # after the deadline: leave time for this (~1 min) and the calls that bring it back
-  for run in "${runs[@]}"; do
-    name=$base; [ "$run" = metagrad ] || name=$base-$run
-    [ -d "runs/paper/$name/generator" ] || python3 benchmarks/carry_run.py pack "runs/paper/$name" "$CARRY_OUT"
-  done
-fi
 shopt -s nullglob
 tar czf "$out/paper_$base.tgz" $res/$base.* $res/$base-*.* runs/paper/$base.log runs/paper/$base-*.log
 [ $left = 0 ] && echo "all done: $base" || echo "not done: run the same command again to resume"

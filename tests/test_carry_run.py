@@ -18,6 +18,13 @@ from dpg.train import run_train
 carry = load_script("carry_run")
 
 
+def assert_within_half_a_step(rebuilt: torch.Tensor, original: torch.Tensor, base: torch.Tensor, key: str) -> None:
+    """The docstring's bound, row by row: |rebuilt − original| ≤ |Δ_row|max / 254 (+ fp32 rounding)."""
+    rows = (original.float() - base).reshape(original.shape[0], -1)
+    bound = rows.abs().amax(dim=1, keepdim=True) / 254 + 1e-6 * original.float().reshape(rows.shape).abs()
+    assert ((rebuilt.float() - original.float()).reshape(rows.shape).abs() <= bound).all(), key
+
+
 def test_int8_change_round_trips_within_half_a_step_per_row():
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(6, 5, generator=g), "m": torch.randn(2, 3, 4, generator=g), "n": torch.ones(5)}
@@ -32,10 +39,7 @@ def test_int8_change_round_trips_within_half_a_step_per_row():
     assert torch.equal(back["n"], weights["n"])  # vectors travel exactly
     assert back["b"].dtype == torch.bfloat16 and torch.equal(back["b"], weights["b"])
     for key in ("w", "m"):
-        rows = (weights[key] - base[key]).reshape(weights[key].shape[0], -1)
-        half_step = rows.abs().amax(dim=1, keepdim=True) / 254  # the docstring's bound, row by row
-        err = (back[key] - weights[key]).reshape(rows.shape).abs()
-        assert (err <= half_step + 1e-6 * weights[key].reshape(rows.shape).abs()).all(), key
+        assert_within_half_a_step(back[key], weights[key], base[key], key)
     assert torch.equal(back["m"][0], base["m"][0])  # an unchanged row comes back as the base's
 
 
@@ -72,10 +76,8 @@ def test_a_run_packed_in_parts_resumes_where_it_stopped(tmp_path):
         if value.dim() < 2:
             assert torch.equal(rebuilt[key], value), key
             continue
-        rows = (value - base[key]).reshape(value.shape[0], -1)
-        bound = rows.abs().amax(dim=1, keepdim=True) / 254 + 1e-6 * value.reshape(rows.shape).abs()
-        assert ((rebuilt[key] - value).reshape(rows.shape).abs() <= bound).all(), key
-        assert rows.abs().max() > 0, key  # the step changed it, so the test sees the change travel
+        assert_within_half_a_step(rebuilt[key], value, base[key], key)
+        assert (value - base[key]).abs().max() > 0, key  # the step changed it, so the test sees the change travel
 
     with pytest.raises(DpgError, match="already holds checkpoints"):
         carry.unpack(tmp_path / "parts", moved)

@@ -67,7 +67,7 @@ class Estimate(NamedTuple):
 
     def describe(self) -> str:
         text = ", ".join(f"{k} {v / GB:.1f} GB" for k, v in self.parts.items() if v >= 0.05 * GB)
-        return text + ("; the larger of the inner run's and the update's counted" if self.apart else "")
+        return text + ("; of the parts held at different times, only the largest group counted" if self.apart else "")
 
 
 def model_shape(model) -> ModelShape:
@@ -94,8 +94,8 @@ def model_shape(model) -> ModelShape:
         heads=get("num_attention_heads", "n_head", default=1),
         scores=getattr(config, "_attn_implementation", None) in (None, "eager"),
         largest=max((p.numel() for p in unique if p.requires_grad), default=0),
-        kv_heads=get("num_key_value_heads", "n_head", "num_attention_heads", default=1),
-        head_dim=get("head_dim", default=0) or hidden // max(get("num_attention_heads", "n_head", default=1), 1),
+        kv_heads=get("num_key_value_heads"),  # 0 where the config has none: as many as the heads
+        head_dim=get("head_dim"),  # 0 where the config has none: hidden // heads
     )
 
 
@@ -224,28 +224,29 @@ def train_estimate(cfg, target, generator, device: torch.device, prompt_tokens: 
     """estimate_train for a dpg train config (a TrainConfig) and the loaded models;
     `prompt_tokens`: the longest prompt, in generator tokens."""
     g, r = cfg.grpo, cfg.reward
-    cache = sampler_cache_bytes(cfg, generator, device, prompt_tokens)
+    shape = model_shape(generator)
     inner = r.name in ("metagrad", "naive")
     per_run = g.prompts_per_step * (g.num_generations if r.name == "metagrad" and r.cross_group_batching else 1)
     return estimate_train(
-        model_shape(target), model_shape(generator), examples=per_run if inner else 0, length=r.max_length,
+        model_shape(target), shape, examples=per_run if inner else 0, length=r.max_length,
         steps=cfg.recipe.steps, optimizer=cfg.recipe.optimizer, microbatch=cfg.recipe.microbatch_size,
         nbytes=8 if cfg.dtype == "float64" else 4,
         sequences=g.update_microbatch or g.prompts_per_step * g.num_generations // g.updates_per_step,
         sequence_length=prompt_tokens + g.max_completion_length, reference=g.beta > 0, device=device,
         completion_length=g.max_completion_length,
-        update_bytes=2 if g.bf16_update(device.type) else 4, sampler_cache=cache,
+        update_bytes=2 if g.bf16_update(device.type) else 4,
+        sampler_cache=sampler_cache_bytes(g, shape, device, prompt_tokens),
     )  # fmt: skip
 
 
-def sampler_cache_bytes(cfg, generator, device: torch.device, prompt_tokens: int) -> int:
-    """dpg's sampler's static KV cache for a generated batch (0 with TRL's own sampler)."""
-    g = cfg.grpo
+def sampler_cache_bytes(g, generator: ModelShape, device: torch.device, prompt_tokens: int) -> int:
+    """dpg's sampler's static KV cache for a generated batch, under GRPO settings `g` (0 with
+    TRL's own sampler)."""
     if g.sampler != "dpg":
         return 0
     bf16 = g.sampler_dtype == "bfloat16" or (g.sampler_dtype == "auto" and device.type == "cuda")
     batch = g.prompts_per_step * g.num_generations
-    return kv_cache_bytes(model_shape(generator), batch, prompt_tokens + g.max_completion_length, 2 if bf16 else 4)
+    return kv_cache_bytes(generator, batch, prompt_tokens + g.max_completion_length, 2 if bf16 else 4)
 
 
 def available_bytes(device: torch.device) -> int:

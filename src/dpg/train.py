@@ -103,12 +103,13 @@ def grpo_config(cfg: TrainConfig, device: torch.device, generator_tok):
     micro = g.update_microbatch or minibatch  # sequences per forward/backward pass
     if minibatch % micro:
         raise DpgError(f"grpo.update_microbatch = {micro} does not divide the {minibatch} sequences of a policy update")
+    passes = minibatch // micro  # forward/backward passes per optimizer step
     bf16 = g.bf16_update(device.type)
     kwargs = dict(
         output_dir=cfg.output_dir, seed=cfg.seed, use_cpu=device.type == "cpu", bf16=bf16, fp16=False,
         learning_rate=g.learning_rate, lr_scheduler_type=g.lr_schedule, max_steps=g.steps * per_step,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=minibatch // micro,
-        steps_per_generation=g.updates_per_step * (minibatch // micro),
+        per_device_train_batch_size=micro, gradient_accumulation_steps=passes,
+        steps_per_generation=g.updates_per_step * passes,
         num_generations=g.num_generations, temperature=g.temperature, max_completion_length=g.max_completion_length,
         num_iterations=g.num_iterations, epsilon=g.epsilon, beta=g.beta, loss_type=g.loss_type,
         scale_rewards=g.scale_rewards, logging_steps=per_step, report_to=g.report_to, disable_tqdm=True,
