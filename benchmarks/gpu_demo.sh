@@ -28,7 +28,7 @@ fi
 # between the runs' starts, 15) let the same script run anywhere, e.g. on a CPU with tiny models
 # (tests/test_benchmark_scripts.py does).
 # Across sessions (the device machine's disk does not outlive one): CARRY_OUT=DIR packs each
-# unfinished run into DIR once the runs stop (benchmarks/carry_run.py: ~8 parts of 14 MiB for
+# unfinished run into DIR once the runs stop (benchmarks/carry_run.py: ~9 parts of 14 MiB for
 # SmolLM2, brought back with `carry_run.py batch DIR $OUT N`, N = 0, 1, ...), and CARRY_IN=DIR
 # rebuilds a run from its parts there before it starts, so it resumes where it stopped.
 [ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
