@@ -2,7 +2,9 @@
 # A job longer than one device call (10 min), run across calls made back to back on the warm
 # machine: `start` launches it detached, in its own session, so it outlives the call that
 # started it; `wait` follows it for up to SECONDS (or until it ends), prints the log's tail
-# and copies the named files into $OUT, so every call brings back what the job has so far.
+# and copies the named files into $OUT, with every *.tgz under RESULTS (default /tmp/demo_out,
+# where gpu_demo.sh's OUT should point), so every call brings back what the job has so far and
+# the call that sees it end brings back its results: a later call may find a fresh machine.
 #   bash benchmarks/gpu_bg.sh start 'SETUP=0 BUDGET_S=1800 PIECE_MIN=28 bash benchmarks/gpu_demo.sh german'
 #   bash benchmarks/gpu_bg.sh wait 560 runs/paper/german*.log
 # Only one job at a time: its pid is in /tmp/dpg_bg.pid, its output in /tmp/dpg_bg.log.
@@ -28,6 +30,10 @@ case "${1:-}" in
     grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" $log | tr '\r' '\n' | grep -v "it/s\]$" | tail -15
     mkdir -p "${OUT:-/tmp/out}"; cp $log "${OUT:-/tmp/out}/" 2>/dev/null
     # flat names (a/b/c.jsonl -> a_b_c.jsonl): the device tool leaves out folders nested deeper than two
-    for f in "$@"; do [ -f "$f" ] && cp "$f" "${OUT:-/tmp/out}/$(echo "$f" | tr / _)"; done; true ;;
+    for f in "$@"; do [ -f "$f" ] && cp "$f" "${OUT:-/tmp/out}/$(echo "$f" | tr / _)"; done
+    # and every results archive so far (gpu_demo.sh's paper_*.tgz under RESULTS, its OUT): the call that
+    # sees the job end brings them back, as the next call may find a fresh machine (u/paper_x.tgz -> u_paper_x.tgz)
+    results=${RESULTS:-/tmp/demo_out}
+    for f in $(find "$results" -name "*.tgz" 2>/dev/null); do cp "$f" "${OUT:-/tmp/out}/$(echo "${f#"$results"/}" | tr / _)"; done; true ;;
   *) echo "usage: gpu_bg.sh start 'COMMAND' | wait SECONDS [FILE ...]"; exit 2 ;;
 esac

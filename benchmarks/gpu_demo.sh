@@ -71,5 +71,8 @@ for run in "${runs[@]}"; do
 done
 python3 benchmarks/paper_results.py "$base" 2>&1 | tail -2
 shopt -s nullglob
-tar czf "$out/paper_$base.tgz" $res/$base.* $res/$base-*.* runs/paper/$base.log runs/paper/$base-*.log
+logs=(); for run in "${runs[@]}"; do  # the logs of this call's runs (not a metagrad log it did not start)
+  name=$base; [ "$run" = metagrad ] || name=$base-$run; [ -f "runs/paper/$name.log" ] && logs+=("runs/paper/$name.log")
+done
+tar czf "$out/paper_$base.tgz" $res/$base.* $res/$base-*.* "${logs[@]}"
 [ $left = 0 ] && echo "all done: $base" || echo "not done: run the same command again to resume"

@@ -4,6 +4,7 @@ since the engine moved on fails here, not on the GPU machine where its time is d
 import ast
 import importlib.util
 import json
+import os
 import importlib
 from pathlib import Path
 
@@ -132,7 +133,6 @@ def test_tf32_grid_counts_by_hand():
 def demo_repo(tmp_path: Path) -> tuple[Path, dict, Path]:
     """A copy of the benchmark scripts gpu_demo.sh runs, with the configs, and the environment
     that makes it train tiny models on the CPU: (repo, env, results folder)."""
-    import os
     import shutil
     import sys
 
@@ -212,3 +212,33 @@ def test_gpu_demo_carries_a_run_to_a_fresh_machine(tmp_path):
     assert "all done: 67" in gpu_demo(repo, env | {"CARRY_IN": str(parts)}, "metagrad")
     assert steps_in(results / "67.metrics.jsonl") == steps_in(results / "67.samples.jsonl") == [1, 2]
     assert "resuming from runs/paper/67/checkpoint-2" in (repo / "runs" / "paper" / "67.log").read_text()
+
+
+def test_gpu_demo_packs_a_call_without_the_metagrad_run(tmp_path):
+    """A call that runs only a baseline (here naive) packs its results and its own log, with no
+    error for the metagrad run's log, which it never wrote."""
+    import tarfile
+
+    repo, env, _ = demo_repo(tmp_path)
+    out = gpu_demo(repo, env, "naive")
+    assert "Cannot stat" not in out and "not done" in out
+    with tarfile.open(tmp_path / "out" / "paper_67.tgz") as tar:
+        packed = set(tar.getnames())
+    assert {"runs/paper/67-naive.log", "benchmarks/results/paper/67-naive.metrics.jsonl"} <= packed
+    assert "runs/paper/67.log" not in packed
+
+
+def test_gpu_bg_wait_brings_back_the_results_archives(tmp_path):
+    """gpu_bg.sh wait copies, besides the named files, every *.tgz under RESULTS into OUT with
+    flat names, so the call that sees a job end brings its results back."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bg.sh"
+    results, out = tmp_path / "results", tmp_path / "out"
+    job = f"sleep 1; cd {tmp_path}; mkdir -p results/a results/b; echo 1 > results/a/paper_x.tgz"
+    job += "; echo 2 > results/b/paper_x.tgz"
+    env = os.environ | {"RESULTS": str(results), "OUT": str(out)}
+    subprocess.run(["bash", str(script), "start", job], env=env, check=True, capture_output=True, timeout=30)
+    done = subprocess.run(["bash", str(script), "wait", "30"], env=env, capture_output=True, text=True, timeout=60)
+    assert "== ended" in done.stdout
+    assert (out / "a_paper_x.tgz").read_text() == "1\n" and (out / "b_paper_x.tgz").read_text() == "2\n"

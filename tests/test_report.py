@@ -131,3 +131,35 @@ def test_results_table_prints_the_digits_that_tell_rows_apart():
     assert base in table
     assert "| trained | 1 | -123.957912 | 123.957912 | 0.75 |" in table
     assert telling_digits([1.0, 1.0 + 1e-13]) == 4 and telling_digits([123.958031, 123.958029]) == 9
+
+
+def test_run_log_times_a_reward_that_keeps_no_history(tmp_path):
+    """A baseline reward (no history of its own): the row's reward time is the wrapper's clock
+    over its calls since the last row, not left inside the update's time."""
+    import time
+
+    from transformers import TrainerControl, TrainerState
+
+    class Slow:
+        __name__ = "slow"
+
+        def __call__(self, prompts, completions, **kwargs):
+            time.sleep(0.2)
+            return [0.0] * len(completions)
+
+    class NoTimer:
+        def take(self):
+            return 0.0
+
+    reward = DistinctShare(Slow())
+    log = RunLog(tmp_path, reward, NoTimer(), total_steps=2, per_step=1, png_every=0, batch=2)
+    state = TrainerState()
+    for step in (1, 2):
+        for _ in range(step):  # one call before row 1, two before row 2
+            reward(prompts=["p"] * 2, completions=["a", "b"])
+        state.global_step = step
+        log.on_log(None, state, TrainerControl(), logs={"loss": 0.1})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 0.2 <= rows[0]["time/reward"] < 0.4 and 0.4 <= rows[1]["time/reward"] < 0.6
+    for r in rows:
+        assert abs(r["time/step"] - r["time/reward"] - r["time/update"]) < 1e-9

@@ -82,7 +82,8 @@ class RunLog(TrainerCallback):
         history = getattr(self.reward, "history", None)
         figures = dict(history[-1]) if history else {}
         figures.pop("step", None)
-        generation, reward_s = self.timer.take(), figures.get("seconds", 0.0)
+        called = self.reward.take_seconds() if hasattr(self.reward, "take_seconds") else 0.0
+        generation, reward_s = self.timer.take(), figures.get("seconds", called)  # a baseline: the wrapper's clock
         step = state.global_step // self.per_step
         row = {"step": step, "global_step": state.global_step, "examples": step * self.batch}
         row |= figures

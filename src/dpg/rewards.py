@@ -253,9 +253,12 @@ class DistinctShare:
         self.most_common = most_common
         self.share: float | None = None  # distinct completions / completions, last generated batch
         self.samples: dict[str, Any] | None = None  # the last batch's texts, as batch_samples gives them
+        self.seconds = 0.0  # the wrapped reward's time since take_seconds() last ran
 
     def __call__(self, prompts, completions, **kwargs):
+        start = time.perf_counter()
         rewards = self.reward(prompts=prompts, completions=completions, **kwargs)
+        self.seconds += time.perf_counter() - start
         pairs = list(zip([completion_text(c) for c in completions], rewards))
         group = data_parallel_group()
         if group is not None:  # each process holds a slice of the batch
@@ -265,6 +268,11 @@ class DistinctShare:
         self.samples = batch_samples(pairs, self.most_common)
         self.share = self.samples["distinct_share"]
         return rewards
+
+    def take_seconds(self) -> float:
+        """The wrapped reward's time since the last take (every reward's, the baselines' too)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
     def __getattr__(self, name):  # only for names not set above: history, metric, decoded, ...
         if "reward" not in self.__dict__:  # a copy being built
