@@ -21,6 +21,16 @@ class Scored:
         return [float(len(c)) for c in completions]
 
 
+class FixedTimer:
+    """The generation timer RunLog reads, giving a fixed time."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def take(self) -> float:
+        return self.seconds
+
+
 def test_distinct_share_counts_texts_and_passes_everything_through():
     inner = Scored()
     reward = DistinctShare(inner)
@@ -51,12 +61,8 @@ def test_batch_samples_names_the_texts_behind_the_share():
 def test_run_log_writes_each_steps_texts_and_drops_redone_steps_on_resume(tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    class NoTimer:
-        def take(self):
-            return 0.0
-
     reward = DistinctShare(Scored())
-    log = RunLog(tmp_path, reward, NoTimer(), total_steps=3, per_step=2, png_every=0, batch=4)
+    log = RunLog(tmp_path, reward, FixedTimer(0.0), total_steps=3, per_step=2, png_every=0, batch=4)
     state = TrainerState()
     for step, texts in enumerate([["a", "a", "bb", "a"], ["ccc", "ccc", "ccc", "ccc"]], start=1):
         reward(prompts=["p"] * 4, completions=texts)
@@ -76,11 +82,7 @@ def test_run_log_row_has_examples_entropy_and_distinct_share(tmp_path, capsys):
     reward = DistinctShare(Scored())
     reward(prompts=["p"] * 4, completions=["a", "a", "b", "c"])
 
-    class NoTimer:
-        def take(self):
-            return 1.5
-
-    log = RunLog(tmp_path, reward, NoTimer(), total_steps=10, per_step=8, png_every=0, batch=1024)
+    log = RunLog(tmp_path, reward, FixedTimer(1.5), total_steps=10, per_step=8, png_every=0, batch=1024)
     state = TrainerState()
     state.global_step = 24  # step 3 of 8 policy updates each
     log.on_log(None, state, TrainerControl(), logs={"loss": 0.1, "entropy": 2.5, "reward": 0.0})
@@ -147,12 +149,8 @@ def test_run_log_times_a_reward_that_keeps_no_history(tmp_path):
             time.sleep(0.2)
             return [0.0] * len(completions)
 
-    class NoTimer:
-        def take(self):
-            return 0.0
-
     reward = DistinctShare(Slow())
-    log = RunLog(tmp_path, reward, NoTimer(), total_steps=2, per_step=1, png_every=0, batch=2)
+    log = RunLog(tmp_path, reward, FixedTimer(0.0), total_steps=2, per_step=1, png_every=0, batch=2)
     state = TrainerState()
     for step in (1, 2):
         for _ in range(step):  # one call before row 1, two before row 2

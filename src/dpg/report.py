@@ -21,7 +21,6 @@ from PIL import Image
 from transformers import TrainerCallback
 
 
-
 class GenerationTimer:
     """Seconds spent in the generator's `generate`, since the last `take()`.
 
