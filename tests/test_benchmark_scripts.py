@@ -242,3 +242,21 @@ def test_gpu_bg_wait_brings_back_the_results_archives(tmp_path):
     done = subprocess.run(["bash", str(script), "wait", "30"], env=env, capture_output=True, text=True, timeout=60)
     assert "== ended" in done.stdout
     assert (out / "a_paper_x.tgz").read_text() == "1\n" and (out / "b_paper_x.tgz").read_text() == "2\n"
+
+
+def test_scale_rewards_ab_summary_by_hand(tmp_path):
+    """The A/B's figures for one run, from files written by hand: the last step's entropy and
+    share, the least share, the first step below 0.9, the mean accuracy over sampling seeds."""
+    spec = importlib.util.spec_from_file_location("ab", SCRIPTS[0].parent / "scale_rewards_ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    rows = [(1, 3.0, 1.0), (2, 2.0, 0.95), (3, 1.5, 0.85), (4, 1.25, 0.875)]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "trl/entropy": e, "distinct_share": d}) + "\n" for s, e, d in rows)
+    )
+    checks = [{"generator": g, "proxy": {"pixel_accuracy": a}} for g, a in (("base", 0.5), ("trained", 0.75),
+                                                                           ("trained", 1.0))]  # fmt: skip
+    (tmp_path / "evaluate.json").write_text(json.dumps(checks))
+    got = ab.summary(tmp_path, "batch", 7)
+    assert got == {"scale_rewards": "batch", "seed": 7, "steps": 4, "entropy_last": 1.25, "distinct_last": 0.875,
+                   "distinct_least": 0.85, "below_0.9_from": 3, "pixel_accuracy": 0.875}  # fmt: skip
