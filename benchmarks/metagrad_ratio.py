@@ -11,6 +11,8 @@ microbatches of 128, fp32 weights. The baseline is the plain SFT step everyone w
 forward with labels, backward, torch's fused AdamW, SDPA attention. Ratios:
 
     head       M = 1 metagradient, metric on the LM head (the "67" pattern)  / 1 SFT step
+    head_fwd   the same with every score by a forward-mode pass, as before the training pass gave
+               them (a tied head's scores did so until the embedding's output gradient was kept)
     lm_loss    M = 1 metagradient, metric = held-out LM loss (tangent everywhere) / 1 SFT step
     m4_head    M = 4 metagradient (4,096 sequences), LM-head metric / 4 SFT steps
 
@@ -31,6 +33,7 @@ the engine's kept Φ(θ_0) in place). --tf32 sets TF32 matmuls for the baseline 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -124,8 +127,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
-    ap.add_argument("--cases", default=None, help="comma-separated: head,lm_loss,m4_head (default: all three; "
-                    "lm_loss alone for the llama shapes)")  # fmt: skip
+    ap.add_argument("--cases", default=None, help="comma-separated: head,head_fwd,lm_loss,m4_head (default: "
+                    "head,lm_loss,m4_head; lm_loss alone for the llama shapes)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated cases to skip: head,lm_loss,m4_head")
     ap.add_argument("--micro", type=int, default=None, help="microbatch of SFT and M = 1 (default: the shape's)")
     ap.add_argument("--chunk", type=int, default=None, help="lm_loss: held-out texts per pass (default: the shape's)")
@@ -176,7 +179,7 @@ def main() -> None:
     base1, _ = timed(sft_steps(model, ids[:n].to(device), micro, 1, device), device, args.reps)
     results["sft_step_s"] = base1
     report("plain SFT step", base1, 1.0)
-    for name in ("head", "lm_loss", "m4_head"):
+    for name in ("head", "head_fwd", "lm_loss", "m4_head"):
         if name not in cases:
             continue
         steps, base = (4, None) if name == "m4_head" else (1, base1)
@@ -187,8 +190,9 @@ def main() -> None:
         ex = make_examples(ids.tolist()) if steps == 4 else first
         mb_size = args.m4_micro if steps == 4 else micro
         hvp = args.m4_hvp_micro if steps > 1 else None
-        metric = metrics[name.removeprefix("m4_")]()
-        res = measure(model, ex, Recipe(steps=steps, microbatch_size=mb_size), metric, hvp, device, args.reps)
+        metric = metrics[name.removeprefix("m4_").removesuffix("_fwd")]()
+        with forward_mode_only(name.endswith("_fwd")):
+            res = measure(model, ex, Recipe(steps=steps, microbatch_size=mb_size), metric, hvp, device, args.reps)
         if res is None:
             results[name] = {"error": "out of memory"}
             print(f"{name}: out of memory", flush=True)
@@ -203,6 +207,21 @@ def main() -> None:
         print("   phases (medians): " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items() if k != "first_call"))
         warm_up = phases["first_call"]
         print("   first call (warm-up): " + ", ".join(f"{k} {v:.3f}s" for k, v in warm_up.items()), flush=True)
+
+
+@contextlib.contextmanager
+def forward_mode_only(on: bool):
+    """With `on`, no score comes from the training pass: every one takes a forward-mode pass."""
+    import dpg.metagrad.engine as engine
+    import dpg.metagrad.reverse as reverse
+
+    real = reverse.head_only
+    if on:
+        engine.head_only = reverse.head_only = lambda target, support: False
+    try:
+        yield
+    finally:
+        engine.head_only = reverse.head_only = real
 
 
 def measure(model, examples, recipe, metric, hvp, device, reps):

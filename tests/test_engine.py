@@ -215,7 +215,7 @@ def test_forward_mode_scores_equal_brute_force_per_example_gradients(family, tol
     for k in ref:
         assert rel_err(hv[k], ref[k]) < tol, k
     # And the plain gradient pass.
-    g_mb, _, _ = batch_loss_grad(target, target.params, mb, step.size)
+    g_mb, _, _, _ = batch_loss_grad(target, target.params, mb, step.size)
     for k, a in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
         assert rel_err(g_mb[k], a) < tol, k
 
@@ -360,7 +360,7 @@ def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
         for k in ("lm_head.weight", "lm_head.bias")
     }
     for mb in step.microbatches:
-        _, _, hidden = batch_loss_grad(target, target.params, mb, step.size)
+        _, _, hidden, _ = batch_loss_grad(target, target.params, mb, step.size)
         fast = head_tangent_scores(target, target.params, tangent, hidden, mb, chunk=5)
         active = {k: target.params[k] for k in tangent}
         rest = {k: p for k, p in target.params.items() if k not in tangent}
@@ -368,26 +368,66 @@ def test_head_only_scores_from_saved_hidden_states_equal_forward_mode(family):
         assert rel_err(fast, reference) < 1e-12
 
 
-def test_m1_head_metric_takes_the_saved_hidden_state_path(monkeypatch):
+@pytest.mark.parametrize("family,tied", [("gpt2", False), ("gpt2", True), ("llama", True)])
+def test_m1_head_metric_takes_the_training_pass_path(monkeypatch, family, tied):
+    """M = 1 and a metric on the LM head alone: the scores come from the training pass (its
+    hidden states; on a tied head also the gradient at the embedding's output, the block's
+    rows being input tokens here), no second trunk pass, and equal the unrolled reference."""
     import dpg.metagrad.reverse as reverse  # the reverse sweep's home
 
-    calls = []
-    real = reverse.head_tangent_scores
+    calls, passes = [], []
+    real, jvp_pass = reverse.head_tangent_scores, reverse.tangent_scores
     monkeypatch.setattr(reverse, "head_tangent_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = tiny_model("gpt2", False)
-    res = example_metagrads(
-        model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model), dtype=torch.float64
-    )
-    assert len(calls) == 2  # both microbatches
-    ref, _ = unrolled_scores(model, ragged_examples(), Recipe(lr=1e-2, microbatch_size=4), head_metric(model))
-    assert rel_err(res.scores, ref) < 1e-8
+    monkeypatch.setattr(reverse, "tangent_scores", lambda *a, **k: passes.append(1) or jvp_pass(*a, **k))
+    from dpg.metagrad.precision import float64_everywhere
+
+    model = tiny_model(family, tied)
+    recipe = Recipe(lr=1e-2, microbatch_size=4)
+    with float64_everywhere():  # Llama's fp32 casts promoted: the reference is exact to fp64
+        res = example_metagrads(model, ragged_examples(), recipe, head_metric(model), dtype=torch.float64)
+        assert len(calls) == 2 and not passes  # both microbatches, no forward-mode pass
+        ref, _ = unrolled_scores(model, ragged_examples(), recipe, head_metric(model))
+    assert rel_err(res.scores, ref) < 1e-10
     assert res.metric_before == pytest.approx(-torch.nn.functional.softplus(torch.tensor(0.0)).item())
-    # A tied head, or an lm_loss metric, takes the general forward-mode path.
-    calls.clear()
-    tied = tiny_model("gpt2", True)
-    example_metagrads(tied, ragged_examples(), Recipe(), head_metric(tied), dtype=torch.float64)
+    calls.clear()  # an lm_loss metric reads the whole model: the general forward-mode path
     example_metagrads(model, ragged_examples(), Recipe(), lm_metric(model), dtype=torch.float64)
     assert not calls
+
+
+def test_tied_head_scores_from_the_training_pass_with_pad_as_bos():
+    """Llama tied, pad = bos = id 0 (a row of Φ's block) opening every example as an input: the
+    pad row's lookups count in the embedding's share, as the engine trains that row (the
+    reference's padding_idx removed to match, as tests/test_configs.py does)."""
+    from dpg.metagrad.precision import float64_everywhere
+
+    model = tiny_model("llama", True)
+    assert model.get_input_embeddings().padding_idx == 0
+    g = torch.Generator().manual_seed(5)
+    ids = [[0, *torch.randint(1, VOCAB, (n,), generator=g).tolist()] for n in (6, 4, 8, 5)]
+    examples = make_examples(ids, [[False] + [True] * (len(x) - 1) for x in ids], pad_id=0)
+    recipe = Recipe(lr=1e-2, microbatch_size=2)
+    with float64_everywhere():
+        res = example_metagrads(model, examples, recipe, head_metric(model), dtype=torch.float64)
+        model.get_input_embeddings().padding_idx = None
+        ref, _ = unrolled_scores(model, examples, recipe, head_metric(model))
+    assert rel_err(res.scores, ref) < 1e-10
+
+
+def test_tied_head_with_a_zero_weight_takes_forward_mode_for_its_microbatch(monkeypatch):
+    """The embedding's share divides by w_i: a microbatch holding a w_i = 0 example takes the
+    forward-mode pass instead, and every score, that example's too, matches the reference."""
+    import dpg.metagrad.reverse as reverse
+
+    passes = []
+    jvp_pass = reverse.tangent_scores
+    monkeypatch.setattr(reverse, "tangent_scores", lambda *a, **k: passes.append(1) or jvp_pass(*a, **k))
+    model = tiny_model("gpt2", True)
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.5], dtype=torch.float64)  # example 4: second microbatch
+    recipe = Recipe(lr=1e-2, microbatch_size=4)
+    res = example_metagrads(model, ragged_examples(), recipe, head_metric(model), weights, dtype=torch.float64)
+    assert len(passes) == 1
+    ref, _ = unrolled_scores(model, ragged_examples(), recipe, head_metric(model), weights)
+    assert rel_err(res.scores, ref) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -226,10 +226,9 @@ def fine_tune(
             opt = recipe.optimizer_record()
             params, state, losses = target.params, optim.init(opt, target.params), []
             for t, step in enumerate(plan, 1):  # the last step's optimizer state is never read
-                params, state, _, loss, _ = train_step(
-                    target, opt, step, params, state, bar, group=group, keep_state=t < len(plan)
-                )
-                losses.append(loss)
+                out = train_step(target, opt, step, params, state, bar, group=group, keep_state=t < len(plan))
+                params, state = out.params, out.state
+                losses.append(out.loss)
     return TrainResult(params, losses)
 
 

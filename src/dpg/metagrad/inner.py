@@ -37,6 +37,7 @@ class Stepped(NamedTuple):
     grads: Params  # g_t = ∇L_t(θ_{t−1})
     loss: float  # L_t(θ_{t−1}), weighted batch loss
     hidden: dict[str, Tensor]  # the training pass's hidden states, per microbatch (when asked)
+    at_embeds: dict[str, Tensor]  # and, on a tied head, its gradient at the embedding's output
 
 
 def train_step(
@@ -45,29 +46,31 @@ def train_step(
 ) -> Stepped:  # fmt: skip
     """One inner step. `keep_state=False`: no optimizer state after it (None), for a step
     whose state nothing reads (the last one; after step 1 the reverse sweep recomputes m, v from g)."""
-    grads, loss, hidden = _batch_grad(target, params, step, bar, stash_hidden, group)
+    grads, loss, hidden, at_embeds = _batch_grad(target, params, step, bar, stash_hidden, group)
     new_params, new_state = optim.step(opt, params, state, grads, keep_state=keep_state)
-    return Stepped(new_params, new_state, grads, loss, hidden)
+    return Stepped(new_params, new_state, grads, loss, hidden, at_embeds)
 
 
 def _batch_grad(
     target: Target, params: Params, step: Step, bar: tqdm, stash_hidden: bool, group: dist.ProcessGroup | None
-) -> tuple[Params, float, dict[str, Tensor]]:
-    total, loss, stash = None, torch.zeros((), dtype=torch.float64), {}
+) -> tuple[Params, float, dict[str, Tensor], dict[str, Tensor]]:
+    total, loss, stash, at_embeds = None, torch.zeros((), dtype=torch.float64), {}, {}
     for j, mb in enumerate(step.microbatches):
-        grads, ex_losses, hidden = batch_loss_grad(target, params, mb, step.size)
+        grads, ex_losses, hidden, embeds_grad = batch_loss_grad(target, params, mb, step.size, embed_grad=stash_hidden)
         total = grads if total is None else {k: total[k].add_(grads[k]) for k in total}
         # summed where it is computed: one wait for the device per step, not per microbatch
         loss = loss.to(ex_losses.device) + (mb.weights * ex_losses).sum().double() / step.size
         if stash_hidden:
             stash[str(j)] = hidden
+            if embeds_grad is not None:
+                at_embeds[str(j)] = embeds_grad
         bar.update(1)
     if total is None:  # this rank holds no example of this step
         total = {k: torch.zeros_like(p) for k, p in params.items()}
     if group is not None:
         total = all_reduce_sum(total | {"\0loss": loss.to(next(iter(total.values())))}, group)
         loss = total.pop("\0loss").double()
-    return total, loss.item(), stash
+    return total, loss.item(), stash, at_embeds
 
 
 class ScheduledRun:
@@ -153,6 +156,8 @@ def _record(t: int, params: Params, out: Stepped, adamw: bool) -> Record:
             record |= {"m": out.state.m, "v": out.state.v}
     if out.hidden:
         record["hidden"] = out.hidden
+    if out.at_embeds:
+        record["at_embeds"] = out.at_embeds
     return record
 
 

@@ -18,7 +18,9 @@ from dpg.metagrad import optim
 from dpg.metagrad.inner import ScheduledRun, Step
 from dpg.metagrad.parallel import all_reduce_sum
 from dpg.metagrad.store import Record
-from dpg.metagrad.target import Target, head_tangent_scores, hvp_and_tangent_scores, tangent_scores
+from dpg.metagrad.target import (
+    Target, embedding_scores, head_tangent_scores, hvp_and_tangent_scores, tangent_scores,
+)  # fmt: skip
 
 Params = dict[str, Tensor]
 
@@ -77,13 +79,19 @@ def _first_step_scores(
     target: Target, run: ScheduledRun, record: Record, adj: Params, adj_state: optim.AdamAdjoint | None,
     scores: Tensor,
 ) -> None:  # fmt: skip
-    """Reverse step 1: the scores alone, one forward-mode pass per training microbatch."""
+    """Reverse step 1: the scores alone, one forward-mode pass per training microbatch, or
+    none where Φ reads the LM head alone and the training pass kept what the scores need."""
     step, theta = run.plan[0], record.pop("theta", target.params)
     gamma, _, _ = _adjoints(run.opt, 1, record, adj, adj_state)
     stash = record.get("hidden") if head_only(target, gamma) else None
+    at_embeds = record.get("at_embeds") or {}
     for j, mb in enumerate(step.microbatches):
-        if stash:  # the training pass's hidden states: no second trunk pass at all
+        # a tied head's lookups: from the gradient at the embedding's output, when every w_i ≠ 0
+        tied_ok = not target.head_tied or (str(j) in at_embeds and bool((mb.weights != 0).all()))
+        if stash and tied_ok:  # the training pass's hidden states: no second trunk pass at all
             dl = head_tangent_scores(target, theta, gamma, stash[str(j)], mb)
+            if target.head_tied:
+                dl = dl + embedding_scores(target, gamma, at_embeds[str(j)], mb, step.size)
         else:
             dl = tangent_scores(target, theta, gamma, mb)
         scores.index_add_(0, mb.index, dl.double() / step.size)
@@ -91,6 +99,9 @@ def _first_step_scores(
 
 
 def head_only(target: Target, support: Params | set[str]) -> bool:
-    """Whether `support` (parameter names) is an untied LM head alone on a split target."""
+    """Whether `support` (parameter names) is the LM head alone on a split target whose M = 1
+    scores the training pass can give: an untied head (from its hidden states), or a tied one
+    whose lookups can be made outside the trunk (and the gradient at their output)."""
     head = {target.head, target.head_bias} - {None}
-    return target.trunk is not None and not target.head_tied and bool(head) and set(support) <= head
+    by_pass = not target.head_tied or target.embeds is not None
+    return target.trunk is not None and by_pass and bool(head) and set(support) <= head

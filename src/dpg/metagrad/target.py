@@ -61,6 +61,8 @@ class Target(NamedTuple):
     trunk: nn.Module | None  # the body with logits = head(trunk(x)), or None: run the whole model
     prefix: str  # parameter-name prefix of the trunk ("transformer.", "model.")
     buffers: Params = {}  # floating-point buffers (rotary frequencies, ...): a zero tangent in forward mode
+    embeds: nn.Module | None = None  # tied head on a split target: the input embedding, if trunk(inputs_embeds=
+    # embed(x)) is trunk(input_ids=x) (M = 1 head metrics then read the embedding's output gradient)
 
 
 @contextlib.contextmanager
@@ -122,11 +124,15 @@ def _describe(model: nn.Module, module: nn.Module, trainable: list[str]) -> Targ
     if head is None:  # no identifiable LM head: the whole model runs in every pass
         return Target(module, params, frozen, None, None, False, None, "", _float_buffers(module))
     bias = names.get(id(getattr(out, "bias", None)))
-    tied = out.weight is module.get_input_embeddings().weight
+    embed = module.get_input_embeddings()
+    tied = out.weight is embed.weight
     if model not in _SPLITS:
-        _SPLITS[model] = _split(module, out)[0] is not None
-    trunk, prefix = (module.base_model, module.base_model_prefix + ".") if _SPLITS[model] else (None, "")
-    return Target(module, params, frozen, head, bias, tied, trunk, prefix, _float_buffers(module))
+        trunk = _split(module, out)[0]
+        _SPLITS[model] = (trunk is not None, trunk is not None and tied and _embeds_path(trunk, embed))
+    split, by_embeds = _SPLITS[model]
+    trunk, prefix = (module.base_model, module.base_model_prefix + ".") if split else (None, "")
+    return Target(module, params, frozen, head, bias, tied, trunk, prefix, _float_buffers(module),
+                  embed if by_embeds else None)  # fmt: skip
 
 
 def _float_buffers(module: nn.Module) -> Params:
@@ -172,6 +178,23 @@ def _split(module: nn.Module, head: nn.Module) -> tuple[nn.Module | None, str]:
     if whole.shape != split.shape or not torch.allclose(whole, split, rtol=1e-5, atol=1e-6 * whole.abs().max().item()):
         return None, ""
     return trunk, prefix
+
+
+def _embeds_path(trunk: nn.Module, embed: nn.Module) -> bool:
+    """Whether trunk(inputs_embeds=embed(x)) is exactly trunk(input_ids=x), so the loss's
+    gradient at the embedding's output is the one the lookups receive (`embedding_scores`)."""
+    if not isinstance(embed, nn.Embedding):  # a lookup (times any scale) is linear in its weight
+        return False
+    probe = torch.arange(8, device=embed.weight.device).view(1, 8) % embed.weight.shape[0]
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            by_ids = trunk(input_ids=probe, use_cache=False).last_hidden_state
+            by_embeds = trunk(inputs_embeds=embed(probe), use_cache=False).last_hidden_state
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, AttributeError, RuntimeError, ValueError):
+        return False
+    return by_ids.shape == by_embeds.shape and torch.equal(by_ids, by_embeds)
 
 
 def _use_differentiable_attention(module: nn.Module) -> None:
@@ -225,24 +248,25 @@ def _head(target: Target, params: Params) -> tuple[Tensor, Tensor | None]:
     return get(target.head), get(target.head_bias)
 
 
-def label_hidden(target: Target, params: Params, mb: Microbatch) -> Tensor:
-    """Last hidden states at the label positions (needs a split target). (n, d)"""
+def label_hidden(target: Target, params: Params, mb: Microbatch, embeds: Tensor | None = None) -> Tensor:
+    """Last hidden states at the label positions (needs a split target), from the input ids
+    or from their `embeds` (B, T, d), the input embedding's output. (n, d)"""
     trunk_params = {k[len(target.prefix) :]: v for k, v in params.items() if k.startswith(target.prefix)}
+    inputs = {"input_ids": mb.input_ids} if embeds is None else {"inputs_embeds": embeds}
     out = functional_call(
-        target.trunk,
-        trunk_params,
-        (),
-        {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "use_cache": False},
+        target.trunk, trunk_params, (), {**inputs, "attention_mask": mb.attention_mask, "use_cache": False}
     )
     hidden = out.last_hidden_state[:, :-1]  # (B, T−1, d)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.label_pos)
 
 
-def losses_and_hidden(target: Target, params: Params, mb: Microbatch) -> tuple[Tensor, Tensor | None]:
+def losses_and_hidden(
+    target: Target, params: Params, mb: Microbatch, embeds: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Per-example loss l_i (mean token cross-entropy over x_i's labels), (B,), and the last
-    hidden states at the label positions, (n, d), when the target is split."""
+    hidden states at the label positions, (n, d), when the target is split (`label_hidden`)."""
     if target.trunk is not None:
-        hidden = label_hidden(target, params, mb)
+        hidden = label_hidden(target, params, mb, embeds)
         weight, bias = _head(target, params)
         logits = F.linear(hidden, weight, bias)  # (n, V): only where a label is predicted
     else:
@@ -269,19 +293,24 @@ def example_losses(target: Target, params: Params, mb: Microbatch) -> Tensor:
 
 
 def batch_loss_grad(
-    target: Target, params: Params, mb: Microbatch, batch_size: int
-) -> tuple[Params, Tensor, Tensor | None]:
+    target: Target, params: Params, mb: Microbatch, batch_size: int, embed_grad: bool = False
+) -> tuple[Params, Tensor, Tensor | None, Tensor | None]:
     """Gradient of this microbatch's share of the batch loss Σ w_i·l_i / batch_size.
 
-    Returns (grads, per-example losses, label hidden states or None). First-order only:
-    any attention kernel is fine.
+    Returns (grads, per-example losses, label hidden states or None, and with `embed_grad`
+    on a target with `embeds` the gradient at the input embedding's output, (B, T, d), else
+    None). The lookups are then made outside the trunk, the same operations. First-order
+    only: any attention kernel is fine.
     """
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    by_embeds = embed_grad and target.embeds is not None
     with torch.enable_grad():
-        losses, hidden = losses_and_hidden(target, leaves, mb)
+        embeds = functional_call(target.embeds, {"weight": leaves[target.head]}, (mb.input_ids,)) if by_embeds else None
+        losses, hidden = losses_and_hidden(target, leaves, mb, embeds)
         loss = (mb.weights * losses).sum() / batch_size
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-    return dict(zip(leaves, grads)), losses.detach(), None if hidden is None else hidden.detach()
+        grads = torch.autograd.grad(loss, [*leaves.values(), *([embeds] if by_embeds else [])])
+    at_embeds = grads[-1] if by_embeds else None
+    return dict(zip(leaves, grads)), losses.detach(), None if hidden is None else hidden.detach(), at_embeds
 
 
 def head_tangent_scores(
@@ -303,6 +332,18 @@ def head_tangent_scores(
     t_weight = tangent.get(target.head)
     t_bias = tangent.get(target.head_bias) if target.head_bias else None
     return _per_example(token_tangents(hidden, hidden_tangent, weight, bias, t_weight, t_bias, mb.labels, chunk), mb)
+
+
+def embedding_scores(target: Target, tangent: Params, at_embeds: Tensor, mb: Microbatch, batch_size: int) -> Tensor:
+    """The input embedding's share of γ·∇l_i on a tied head, from the training pass's gradient
+    at the embedding's output, G = ∂(Σ w_j·l_j / batch_size)/∂e (B, T, d). (B,)
+
+    Each position's embedding feeds one example only, so row i of G is (w_i / batch_size)·∂l_i/∂e,
+    and the embedding is linear in its weight, so its tangent along γ is embed(x) with weight γ:
+    Σ_p ė_p·∂l_i/∂e_p = (batch_size / w_i)·Σ_p ė_p·G_p. Needs every w_i ≠ 0 (`reverse.py` checks).
+    """
+    e_dot = functional_call(target.embeds, {"weight": tangent[target.head]}, (mb.input_ids,))
+    return (e_dot * at_embeds).sum((1, 2)) * batch_size / mb.weights
 
 
 def tangent_scores(target: Target, params: Params, tangent: Params, mb: Microbatch) -> Tensor:
