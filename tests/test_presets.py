@@ -291,3 +291,35 @@ def test_smollm2_preset(cache, monkeypatch):
     assert again_tok.eos_token == "<|im_end|>" and again_tok.chat_template == tok.chat_template
     with pytest.raises(DpgError, match="whose LM head is tied"):
         load_model(SMOLLM2, tie_word_embeddings=False)
+
+
+@pytest.mark.slow  # SmolLM2 in fp64 on a CPU: ~30 s, and its first load converts the GGUF
+def test_smollm2_tied_head_scores_from_the_training_pass_equal_forward_mode(monkeypatch):
+    """On the pattern configs' real target (tied head, pad id set, Llama): the M = 1 "67" scores
+    take the training-pass path and equal the forward-mode pass to fp64 rounding, with texts
+    that hold the block's tokens (ids 17..23: ! " # $ % & ') as inputs and texts that do not."""
+    smollm2_or_skip()
+    import dpg.metagrad.engine as engine
+    import dpg.metagrad.reverse as reverse
+    from dpg import Recipe, example_metagrads
+    from dpg.data import encode_texts
+    from dpg.metagrad.precision import float64_everywhere
+    from dpg.metrics import pattern_metric
+
+    model, tok = load_model(SMOLLM2, dtype=torch.float64)
+    texts = ["Hello! \"Quoted\" #tag $5 & 50% off - it's fine.", "Plain words without the block tokens at all",
+             "Another 'one' with (parens) and commas, many, many.", "Short."]  # fmt: skip
+    examples = encode_texts(tok, texts, 32)
+    recipe = Recipe(lr=5e-6, b2=0.95, eps_root=1e-9, weight_decay=1e-4, microbatch_size=2)
+    passes = []
+    forward_mode = reverse.tangent_scores
+    monkeypatch.setattr(reverse, "tangent_scores", lambda *a, **k: passes.append(1) or forward_mode(*a, **k))
+    with float64_everywhere():  # Llama's fp32 casts promoted: both paths exact to fp64
+        fast = example_metagrads(model, examples, recipe, pattern_metric(model, "67", 0, 17), dtype=torch.float64)
+        assert not passes
+        for module in (engine, reverse):
+            monkeypatch.setattr(module, "head_only", lambda target, support: False)
+        slow = example_metagrads(model, examples, recipe, pattern_metric(model, "67", 0, 17), dtype=torch.float64)
+        assert len(passes) == 2
+    assert (fast.scores - slow.scores).abs().max() <= 1e-11 * slow.scores.abs().max()
+    assert (fast.scores != 0).all()
