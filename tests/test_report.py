@@ -161,3 +161,27 @@ def test_run_log_times_a_reward_that_keeps_no_history(tmp_path):
     assert 0.2 <= rows[0]["time/reward"] < 0.4 and 0.4 <= rows[1]["time/reward"] < 0.6
     for r in rows:
         assert abs(r["time/step"] - r["time/reward"] - r["time/update"]) < 1e-9
+
+
+def test_run_log_row_holds_the_peak_gpu_memory_on_cuda(tmp_path, monkeypatch):
+    """On CUDA each row holds the process's peak allocated and reserved memory, in GiB (dpg's
+    "GB"); off CUDA neither key is there."""
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    reward = DistinctShare(Scored())
+    log = RunLog(tmp_path, reward, FixedTimer(0.0), total_steps=2, per_step=1, png_every=0, batch=2)
+    state = TrainerState()
+    reward(prompts=["p"] * 2, completions=["a", "b"])
+    state.global_step = 1
+    log.on_log(None, state, TrainerControl(), logs={"loss": 0.1})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 4.5 * 2**30)
+    reward(prompts=["p"] * 2, completions=["a", "b"])
+    state.global_step = 2
+    log.on_log(None, state, TrainerControl(), logs={"loss": 0.1})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "memory/peak_reserved_gb" not in rows[0]
+    assert (rows[1]["memory/peak_allocated_gb"], rows[1]["memory/peak_reserved_gb"]) == (3.0, 4.5)

@@ -91,6 +91,7 @@ class RunLog(TrainerCallback):
         row |= {f"trl/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
         row |= {"time/step": wall, "time/generation": generation, "time/reward": reward_s}
         row["time/update"] = max(wall - generation - reward_s, 0.0)
+        row |= gpu_memory()
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
         samples = getattr(self.reward, "samples", None)
@@ -105,6 +106,16 @@ class RunLog(TrainerCallback):
         decoded = getattr(self.reward, "decoded", None)
         if self.png_every and decoded is not None and (step % self.png_every == 0 or step == self.total_steps):
             save_pattern(decoded, self.out / "patterns" / f"step_{step:05d}.png")
+
+
+def gpu_memory() -> dict[str, float]:
+    """This process's peak CUDA memory so far, in GiB (dpg's "GB", as its estimates): what
+    torch allocated, and what its caching allocator reserved, the card's share the process
+    holds. Nothing off CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"memory/peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "memory/peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}  # fmt: skip
 
 
 def phi_report(before: float, after: float, lr: float | None = None, suffix: str = "") -> str:

@@ -177,6 +177,10 @@ def run_train(cfg: TrainConfig) -> Path | None:
     trainer, log = build_trainer(cfg, args, generator, generator_tok, reward, prompts, main, limit)
     start = time.perf_counter()
     train_or_restore(trainer, log, cfg, args, main)
+    if main and "memory/peak_reserved_gb" in log.last_row:
+        reserved, allocated = log.last_row["memory/peak_reserved_gb"], log.last_row["memory/peak_allocated_gb"]
+        print(f"peak GPU memory {reserved:.1f} GB reserved, {allocated:.1f} GB allocated "
+              f"(estimated {estimate.total / memory.GB:.1f} GB)")  # fmt: skip
     if limit.stopped:
         if main:
             print(f"stopped after step {trainer.state.global_step // args.logging_steps}/{cfg.grpo.steps}: "
