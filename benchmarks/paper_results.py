@@ -18,12 +18,15 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dpg.data import distinct_share  # noqa: E402
-from dpg.report import figures_table, plot_runs, read_rows  # noqa: E402
+from dpg.report import figures_table, plot_runs, read_rows, rows_from_console  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 RUNS = ("metagrad", "naive", "language_id", "embedding", "levenshtein")
 
 
@@ -66,16 +69,27 @@ def table(demo: str) -> str:
 
 
 def curves(demo: str) -> Path | None:
-    runs = {
-        run: read_rows(RESULTS / f"{stem}.metrics.jsonl", partial_ok=True)
-        for run, stem in run_names(demo)
-        if (RESULTS / f"{stem}.metrics.jsonl").exists()
-    }
+    """DEMO.curves.png from each run's metrics.jsonl, or, for a run whose metrics file was lost,
+    from the console lines of its NAME.log (their printed digits)."""
+    runs = {}
+    for run in RUNS:
+        stem = demo if run == "metagrad" else f"{demo}-{run}"
+        if (RESULTS / f"{stem}.metrics.jsonl").exists():
+            runs[run] = read_rows(RESULTS / f"{stem}.metrics.jsonl", partial_ok=True)
+        elif (RESULTS / f"{stem}.log").exists():
+            runs[f"{run} (from its log)"] = rows_from_console((RESULTS / f"{stem}.log").read_text(), batch(demo))
+    runs = {run: rows for run, rows in runs.items() if rows}
     if not runs:
         return None
     path = RESULTS / f"{demo}.curves.png"
     plot_runs(runs, path, title=f'"{demo}": during training, against generated examples')
     return path
+
+
+def batch(demo: str) -> int:
+    """Completions a step of the demonstration's config (DEMO may be DEMO_TAG)."""
+    grpo = yaml.safe_load((CONFIGS / f"{demo.split('_')[0]}.yaml").read_text())["grpo"]
+    return grpo["prompts_per_step"] * grpo["num_generations"]
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ curves' panels."""
 
 import json
 
-from dpg.report import RunLog, console_line, curve_keys, plot_runs
+from dpg.report import RunLog, console_line, curve_keys, plot_runs, rows_from_console
 from dpg.rewards import DistinctShare, batch_samples
 
 
@@ -185,3 +185,27 @@ def test_run_log_row_holds_the_peak_gpu_memory_on_cuda(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "memory/peak_reserved_gb" not in rows[0]
     assert (rows[1]["memory/peak_allocated_gb"], rows[1]["memory/peak_reserved_gb"]) == (3.0, 4.5)
+
+
+def test_rows_from_console_read_back_what_console_line_printed():
+    """console_line, then rows_from_console: every figure comes back at the digits printed
+    (Φ 5, ΔΦ 3, proxies 4, entropy 3, share 2, times 2 decimals); a redone step keeps its
+    last line; other log lines are skipped."""
+    metagrad = {"step": 7, "phi": -3.17312345, "phi_before": -3.17436789, "proxy/loss": 3.1731234,
+                "raw_std": 1.7912e-06, "trl/entropy": 3.5512, "distinct_share": 0.99751,
+                "trl/completions/mean_length": 49.14, "time/generation": 2.944, "time/reward": 3.491,
+                "time/update": 8.752}  # fmt: skip
+    baseline = {"step": 8, "trl/reward": 0.040512, "trl/entropy": 4.2, "distinct_share": 1.0,
+                "time/generation": 5.03, "time/reward": 0.0, "time/update": 10.04}  # fmt: skip
+    old = console_line(metagrad | {"phi": -9.0}, 360)
+    text = f"{old}\nestimated peak memory 66.5 GB\r{console_line(metagrad, 360)}\n{console_line(baseline, 109)}\n"
+    rows = rows_from_console(text, batch=1024)
+    assert [r["step"] for r in rows] == [7, 8] and rows[0]["examples"] == 7 * 1024
+    got = rows[0]
+    assert got["phi"] == -3.1731 and abs(got["phi_before"] - (-3.1731 - 0.00124)) < 1e-12
+    assert (got["proxy/loss"], got["raw_std"], got["trl/entropy"]) == (3.173, 1.79e-06, 3.55)
+    assert got["distinct_share"] == 1.0  # 0.99751 at two decimals
+    assert (got["trl/completions/mean_length"], got["time/generation"], got["time/update"]) == (49.1, 2.94, 8.75)
+    figures = {"trl/reward": 0.04051, "trl/entropy": 4.2, "distinct_share": 1.0}
+    times = {"time/generation": 5.03, "time/reward": 0.0, "time/update": 10.04}
+    assert rows[1] == {"step": 8, "examples": 8 * 1024} | figures | times

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,32 @@ def console_line(row: dict[str, Any], total: int) -> str:
         f"| gen {row['time/generation']:.2f}s  reward {row['time/reward']:.2f}s  update {row['time/update']:.2f}s"
     )
     return "  ".join(parts)
+
+
+CONSOLE_KEYS = {"Φ": "phi", "raw reward σ": "raw_std", "reward": "trl/reward", "entropy": "trl/entropy",
+                "distinct": "distinct_share", "len": "trl/completions/mean_length"}  # fmt: skip
+
+
+def rows_from_console(text: str, batch: int) -> list[dict[str, Any]]:
+    """The rows a run's console lines show (console_line, read back: its digits only), for a
+    run whose metrics.jsonl was lost but whose log was kept; `batch`: completions a step. A
+    step logged twice (a resumed run redoing it) keeps its last line."""
+    rows: dict[int, dict[str, Any]] = {}
+    for line in text.replace("\r", "\n").splitlines():
+        head = re.match(r"step\s+(\d+)/\d+\s+(.*?)\s+\| gen ([\d.]+)s\s+reward ([\d.]+)s\s+update ([\d.]+)s$", line)
+        if not head:
+            continue
+        step = int(head.group(1))
+        row: dict[str, Any] = {"step": step, "examples": step * batch}
+        for part in head.group(2).split("  "):
+            key, _, value = part.strip().rpartition(" ")
+            if key == "ΔΦ":
+                row["phi_before"] = row["phi"] - float(value)
+            else:
+                row[CONSOLE_KEYS.get(key, f"proxy/{key}")] = float(value)
+        times = (float(head.group(k)) for k in (3, 4, 5))
+        rows[step] = row | dict(zip(("time/generation", "time/reward", "time/update"), times))
+    return [rows[k] for k in sorted(rows)]
 
 
 def read_rows(path: Path, partial_ok: bool = False) -> list[dict[str, Any]]:
