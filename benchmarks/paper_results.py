@@ -65,7 +65,8 @@ def run_rows(demo: str) -> list[tuple[str, list[dict[str, float]] | None]]:
 
 def table(demo: str) -> str:
     """One row per generator: the mean over seeds, and the range when there are several."""
-    return figures_table(demo, run_rows(demo), phi_least=6)
+    rows = run_rows(demo)
+    return figures_table(demo, rows, phi_least=6) if rows else f"{demo}: no transfer check has come back yet"
 
 
 def curves(demo: str) -> Path | None:
