@@ -260,3 +260,24 @@ def test_scale_rewards_ab_summary_by_hand(tmp_path):
     got = ab.summary(tmp_path, "batch", 7)
     assert got == {"scale_rewards": "batch", "seed": 7, "steps": 4, "entropy_last": 1.25, "distinct_last": 0.875,
                    "distinct_least": 0.85, "below_0.9_from": 3, "pixel_accuracy": 0.875}  # fmt: skip
+
+
+def test_uuid_reward_shape_pool_holds_the_kinds_it_names():
+    """The batch uuid_reward_shape.py scores: 64 plain sentences, then 8 of each kind, every
+    sentence distinct and each kind's text ending in its part of the UUID (or the other one)."""
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    if not (shared / "data" / "lohelp_en_de.tsv").is_file():
+        pytest.skip("the shared data is not beside the checkout")
+    spec = importlib.util.spec_from_file_location("shape", SCRIPTS[0].parent / "uuid_reward_shape.py")
+    shape = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shape)
+    rows = shape.pool(shared)
+    kinds = [r["id"].rsplit("-", 1)[0] for r in rows]
+    assert len(rows) == 104 and kinds[:64] == ["plain"] * 64
+    assert kinds[64:] == [k for k in shape.KINDS for _ in range(8)]
+    uuid = "3f2b8c1e-7d4a-4e9b-a6c5-0d1f2e3a4b5c"
+    assert all(r["text"].endswith(" " + uuid) for r in rows if r["id"].startswith("the UUID"))
+    assert all(r["text"].endswith(" " + uuid[:8]) for r in rows if r["id"].startswith("first 8"))
+    assert sum(uuid in r["text"] for r in rows) == 8
+    sentences = [r["text"].rsplit(" ", 1)[0] if not r["id"].startswith("plain") else r["text"] for r in rows]
+    assert len(set(sentences)) == 104
