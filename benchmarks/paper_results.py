@@ -30,11 +30,16 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 RUNS = ("metagrad", "naive", "language_id", "embedding", "levenshtein")
 
 
+def stem_of(demo: str, run: str) -> str:
+    """The file stem of one run of `demo`: DEMO for metagrad, DEMO-RUN for the others."""
+    return demo if run == "metagrad" else f"{demo}-{run}"
+
+
 def run_names(demo: str) -> list[tuple[str, str]]:
     """(run label, file stem) of each run of `demo` that left a file."""
     found = []
     for run in RUNS:
-        stem = demo if run == "metagrad" else f"{demo}-{run}"
+        stem = stem_of(demo, run)
         if (RESULTS / f"{stem}.evaluate.json").exists() or (RESULTS / f"{stem}.metrics.jsonl").exists():
             found.append((run, stem))
     return found
@@ -74,7 +79,7 @@ def curves(demo: str) -> Path | None:
     from the console lines of its NAME.log (their printed digits)."""
     runs = {}
     for run in RUNS:
-        stem = demo if run == "metagrad" else f"{demo}-{run}"
+        stem = stem_of(demo, run)
         if (RESULTS / f"{stem}.metrics.jsonl").exists():
             runs[run] = read_rows(RESULTS / f"{stem}.metrics.jsonl", partial_ok=True)
         elif (RESULTS / f"{stem}.log").exists():
