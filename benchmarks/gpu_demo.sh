@@ -5,6 +5,9 @@
 # training has ended gets its transfer check. Each call sends back, in $OUT/paper_DEMO.tgz, what
 # the runs have so far, laid out as in the repo (benchmarks/results/paper/NAME.{metrics,samples}.jsonl,
 # NAME.{evaluate.json,curves.png}), so `tar xzf paper_DEMO.tgz` at the repo root files the results.
+# They are gathered under runs/paper/stage/, not in the repo's benchmarks/results/paper/: every
+# device call makes the files git does not ignore there its own working tree's again, so results
+# written there vanished when the next call began (session 10 lost two transfer checks that way).
 #   bash benchmarks/gpu_demo.sh DEMO [RUN ...]      (device tool: carry .whl and .gpu)
 # DEMO is a config in configs/paper/ (67, qr, l2, german, spanish, uuid). RUN: metagrad, naive,
 # and the baselines: language_id, embedding (language), levenshtein (uuid). Default: all of them
@@ -33,7 +36,8 @@ fi
 # rebuilds a run from its parts there before it starts, so it resumes where it stopped.
 [ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
 piece=${PIECE_MIN:-6.5}  # minutes of training a run and call (time_limit); the rest: loading, transfer check
-out=${OUT:-/tmp/out}; res=benchmarks/results/paper; mkdir -p "$out" "$res" runs/paper
+out=${OUT:-/tmp/out}; mkdir -p "$out" && out=$(cd "$out" && pwd)
+stage=runs/paper/stage; res=$stage/benchmarks/results/paper; mkdir -p "$res" "$stage/runs/paper"  # ignored: see above
 base=$demo${TAG:+_$TAG}  # the variant's name: its runs are $base, $base-naive, ...
 deadline=${BUDGET_S:-540}  # seconds since the call began: every job ends by then, so the results come back
 for run in "${runs[@]}"; do
@@ -69,10 +73,11 @@ for run in "${runs[@]}"; do
     python3 benchmarks/carry_run.py pack "runs/paper/$name" "$CARRY_OUT"
   fi
 done
-python3 benchmarks/paper_results.py "$base" 2>&1 | tail -2
+python3 benchmarks/paper_results.py --results "$res" "$base" 2>&1 | tail -2
 shopt -s nullglob
 logs=(); for run in "${runs[@]}"; do  # the logs of this call's runs (not a metagrad log it did not start)
-  name=$base; [ "$run" = metagrad ] || name=$base-$run; [ -f "runs/paper/$name.log" ] && logs+=("runs/paper/$name.log")
+  name=$base; [ "$run" = metagrad ] || name=$base-$run
+  [ -f "runs/paper/$name.log" ] && cp "runs/paper/$name.log" "$stage/runs/paper/" && logs+=("runs/paper/$name.log")
 done
-tar czf "$out/paper_$base.tgz" $res/$base.* $res/$base-*.* "${logs[@]}"
+(cd "$stage" && tar czf "$out/paper_$base.tgz" benchmarks/results/paper/$base.* benchmarks/results/paper/$base-*.* "${logs[@]}")
 [ $left = 0 ] && echo "all done: $base" || echo "not done: run the same command again to resume"

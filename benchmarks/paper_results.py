@@ -99,9 +99,13 @@ def batch(demo: str) -> int:
 
 
 def main() -> None:
+    global RESULTS  # --results: the functions above read the folder from here
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demos", nargs="*", help="demonstrations (default: all with results)")
-    demos = parser.parse_args().demos or sorted(
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of the result files (and the curves)")
+    args = parser.parse_args()
+    RESULTS = args.results
+    demos = args.demos or sorted(
         {p.name.split(".")[0].split("-")[0] for p in RESULTS.glob("*.evaluate.json")}
         | {p.name.split(".")[0].split("-")[0] for p in RESULTS.glob("*.metrics.jsonl")}
     )

@@ -158,7 +158,7 @@ def demo_repo(tmp_path: Path) -> tuple[Path, dict, Path]:
         "STAGGER_S": "0", "PIECE_MIN": "0.0001", "OUT": str(tmp_path / "out"), "EXTRA": " ".join(tiny),
         "OMP_NUM_THREADS": "1",
     }  # fmt: skip
-    return repo, env, repo / "benchmarks" / "results" / "paper"
+    return repo, env, repo / "runs" / "paper" / "stage" / "benchmarks" / "results" / "paper"  # ignored (gpu_demo.sh)
 
 
 def gpu_demo(repo: Path, env: dict, *runs: str) -> str:
@@ -178,7 +178,9 @@ def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
     """benchmarks/gpu_demo.sh on the CPU with tiny models, as on the device machine: the first
     call stops both runs (metagrad, naive) at time_limit after step 1, the second resumes them,
     ends at step 2 and runs the transfer checks; each call files metrics, samples and (once
-    done) evaluate.json under benchmarks/results/paper/ and packs them into $OUT/paper_67.tgz."""
+    done) evaluate.json under runs/paper/stage/ and packs them into $OUT/paper_67.tgz, laid out
+    as in the repo. Nothing lands in the repo's own benchmarks/results/: the device tool resets
+    what git does not ignore there at the start of every call."""
     import tarfile
 
     repo, env, results = demo_repo(tmp_path)
@@ -197,6 +199,8 @@ def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
         for ext in ("metrics.jsonl", "samples.jsonl", "evaluate.json"):
             assert f"benchmarks/results/paper/{name}.{ext}" in packed
     assert "benchmarks/results/paper/67.curves.png" in packed
+    assert {"runs/paper/67.log", "runs/paper/67-naive.log"} <= packed
+    assert not (repo / "benchmarks" / "results").exists()
 
 
 def test_gpu_demo_carries_a_run_to_a_fresh_machine(tmp_path):
