@@ -7,6 +7,7 @@
 # the call that sees it end brings back its results: a later call may find a fresh machine.
 #   bash benchmarks/gpu_bg.sh start 'SETUP=0 BUDGET_S=1800 PIECE_MIN=28 bash benchmarks/gpu_demo.sh german'
 #   bash benchmarks/gpu_bg.sh wait 560 runs/paper/german*.log
+#   bash benchmarks/gpu_bg.sh stop german-naive     # one run of the job, the others go on
 # Only one job at a time: its pid is in /tmp/dpg_bg.pid, its output in /tmp/dpg_bg.log.
 set -uo pipefail
 pidfile=/tmp/dpg_bg.pid log=/tmp/dpg_bg.log
@@ -35,5 +36,18 @@ case "${1:-}" in
     # sees the job end brings them back, as the next call may find a fresh machine (u/paper_x.tgz -> u_paper_x.tgz)
     results=${RESULTS:-/tmp/demo_out}
     for f in $(find "$results" -name "*.tgz" 2>/dev/null); do cp "$f" "${OUT:-/tmp/out}/$(echo "${f#"$results"/}" | tr / _)"; done; true ;;
-  *) echo "usage: gpu_bg.sh start 'COMMAND' | wait SECONDS [FILE ...]"; exit 2 ;;
+  stop)
+    # One run out of a job that trains several side by side (say, to give the others the card):
+    # its dpg process (train or evaluate, found by output_dir=runs/paper/RUN) and, first, the
+    # gpu_demo.sh subshell that started it, which would go on to its transfer check. Never
+    # `pkill -f "gpu_demo.sh DEMO"` from a device call: the job's own `bash -c` line and the
+    # call's hold that text too, so it kills both (session 10 lost its job's watcher that way).
+    shift; run=${1:?usage: gpu_bg.sh stop RUN}
+    pids=$(pgrep -f "^python3 -m dpg\.cli [a-z]+ .*output_dir=runs/paper/$run( |\$)")
+    [ -n "$pids" ] || { echo "no dpg process of runs/paper/$run"; exit 1; }
+    for p in $pids; do
+      parent=$(ps -o ppid= -p "$p" | tr -d ' ')
+      kill "$parent" "$p" 2>/dev/null; echo "stopped runs/paper/$run: dpg $p and its shell $parent"
+    done ;;
+  *) echo "usage: gpu_bg.sh start 'COMMAND' | wait SECONDS [FILE ...] | stop RUN"; exit 2 ;;
 esac

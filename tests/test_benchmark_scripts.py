@@ -248,6 +248,41 @@ def test_gpu_bg_wait_brings_back_the_results_archives(tmp_path):
     assert (out / "a_paper_x.tgz").read_text() == "1\n" and (out / "b_paper_x.tgz").read_text() == "2\n"
 
 
+def test_gpu_bg_stop_ends_one_run_and_spares_the_job(tmp_path):
+    """gpu_bg.sh stop RUN kills that run's dpg process and the shell that would go on after it
+    (gpu_demo.sh's transfer check), while the job and its other runs go on; a run with no
+    process is an error. A stand-in dpg.cli (sleeps) and gpu_demo.sh-like subshells."""
+    import subprocess
+    import sys
+    import time
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bg.sh"
+    fake = tmp_path / "fake" / "dpg"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text("import time\ntime.sleep(float(__import__('os').environ['NAP']))\n")
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(tmp_path / "fake"), "NAP": "6",
+    }  # fmt: skip
+
+    def run(name: str) -> str:  # as gpu_demo.sh runs one: train, then what follows in the same shell
+        return f"(python3 -m dpg.cli train cfg.yaml output_dir=runs/paper/{name} x=1; touch {tmp_path}/after-{name}) &"
+
+    job = f"cd {tmp_path}; {run('a')} {run('a-naive')} wait"
+    subprocess.run(["bash", str(script), "start", job], env=env, check=True, capture_output=True, timeout=30)
+    time.sleep(1.5)
+    stop = subprocess.run(["bash", str(script), "stop", "a"], env=env, capture_output=True, text=True, timeout=30)
+    assert stop.returncode == 0 and "stopped runs/paper/a:" in stop.stdout
+    job_pid = (Path("/tmp/dpg_bg.pid")).read_text().strip()
+    assert subprocess.run(["kill", "-0", job_pid]).returncode == 0  # the job goes on
+    done = subprocess.run(["bash", str(script), "wait", "30"], env=env, capture_output=True, text=True, timeout=60)
+    assert "== ended" in done.stdout
+    assert (tmp_path / "after-a-naive").exists() and not (tmp_path / "after-a").exists()
+    again = subprocess.run(["bash", str(script), "stop", "a"], env=env, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and "no dpg process of runs/paper/a" in again.stdout
+
+
 def test_scale_rewards_ab_summary_by_hand(tmp_path):
     """The A/B's figures for one run, from files written by hand: the last step's entropy and
     share, the least share, the first step below 0.9, the mean accuracy over sampling seeds."""
