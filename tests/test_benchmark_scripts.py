@@ -283,6 +283,38 @@ def test_gpu_bg_stop_ends_one_run_and_spares_the_job(tmp_path):
     assert again.returncode == 1 and "no dpg process of runs/paper/a" in again.stdout
 
 
+def test_update_profile_profiles_the_step_after_warmup(tmp_path):
+    """benchmarks/update_profile.py on the CPU with tiny models: it trains warmup + 1 steps and
+    profiles the last one whole (its generation, reward and both policy updates: the matmuls of
+    the updates' forward and backward passes are in it), and writes the figures it prints."""
+    import subprocess
+    import sys
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "lohelp_en_de.tsv"
+    if not shared.is_file():
+        pytest.skip(f"{shared} is absent (the shared data beside the checkout)")
+    rows = [r.split("\t")[0] for r in shared.read_text().splitlines()]
+    (tmp_path / "short.tsv").write_text("\n".join([r for r in rows if len(r) < 150][:80]) + "\n")
+    tiny = [
+        "device=cpu", "generator.model=tiny-llama", "target.model=tiny-gpt2", "prompts.chat=false",
+        "metric.vocab_offset=0", f"prompts.file={tmp_path / 'short.tsv'}", "prompts.limit=null", "prompts.heldout=4",
+        "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.updates_per_step=2",
+        "grpo.max_completion_length=6", "reward.max_length=16", "reward.tf32=false",
+    ]  # fmt: skip
+    script = SCRIPTS[0].parent / "update_profile.py"
+    out = tmp_path / "profile.json"
+    command = [sys.executable, str(script), "configs/paper/67.yaml", *tiny, "--warmup", "1", "--out", str(out)]
+    done = subprocess.run(command, cwd=script.parents[1], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["step"] == 2 and got["wall_s"] > 0 and set(got["split_s"]) == {"generation", "reward", "update"}
+    assert got["kernels"] == 0 and got["device_busy_s"] == 0  # no device here: no kernels to count
+    ops = {r["op"]: r for r in got["top_by_cpu"]}
+    assert "aten::mm" in ops and ops["aten::mm"]["calls"] > 0
+    assert '"step": 2' in done.stdout and "top_by_cpu:" in done.stdout
+
+
 def test_scale_rewards_ab_summary_by_hand(tmp_path):
     """The A/B's figures for one run, from files written by hand: the last step's entropy and
     share, the least share, the first step below 0.9, the mean accuracy over sampling seeds."""
