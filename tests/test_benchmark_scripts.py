@@ -315,6 +315,29 @@ def test_update_profile_profiles_the_step_after_warmup(tmp_path):
     assert '"step": 2' in done.stdout and "top_by_cpu:" in done.stdout
 
 
+def test_pattern_selection_prunes_by_fresh_scores_down_to_k(tmp_path, monkeypatch):
+    """pattern_selection.py's pruning: with a stand-in scorer (a text's score is its length, so
+    every rescoring agrees), the k texts left are the k longest; each round rescores only what
+    is left, in shrinking sets, and the last round rescores nothing. The fixed subsets: top and
+    bottom k by the first scores, three random draws of k, the whole pool."""
+    sel = load_script("pattern_selection")
+    texts = [f"text {'x' * ((i * 37) % 101)}" for i in range(60)]
+    calls = []
+
+    def by_length(cfg, batch, tmp):
+        calls.append(len(batch))
+        return [float(len(t)) for t in batch]
+
+    monkeypatch.setattr(sel, "scores", by_length)
+    first = [float(len(t)) for t in texts]
+    left = sel.pruned(None, texts, first, k=8, rounds=3, tmp=tmp_path)
+    assert sorted(left) == sorted(sorted(range(60), key=lambda i: len(texts[i]))[-8:])
+    assert len(calls) == 2 and 60 > calls[0] > calls[1] > 8
+    chosen = sel.subsets(first, 8)
+    assert set(chosen["top"]) == set(left) and not set(chosen["top"]) & set(chosen["bottom"])
+    assert [len(chosen[f"random {s}"]) for s in range(3)] == [8, 8, 8] and chosen["whole pool"] == list(range(60))
+
+
 def test_scale_rewards_ab_summary_by_hand(tmp_path):
     """The A/B's figures for one run, from files written by hand: the last step's entropy and
     share, the least share, the first step below 0.9, the mean accuracy over sampling seeds."""
