@@ -60,10 +60,11 @@ done
 while [ "$SECONDS" -lt "$deadline" ] && [ -n "$(jobs -rp)" ]; do sleep 1; done
 for p in $(jobs -rp); do pkill -P "$p"; kill "$p" 2>/dev/null; echo "job $p stopped at the deadline"; done
 wait
-left=0
+left=0 logs=()  # logs: those of this call's runs (not a metagrad log it did not start)
 for run in "${runs[@]}"; do
   name=$base; [ "$run" = metagrad ] || name=$base-$run
   echo "== $name"; grep -v -e "^\[transformers\]" -e "Warning" -e "warnings.warn" "runs/paper/$name.log" | tail -4
+  [ -f "runs/paper/$name.log" ] && cp "runs/paper/$name.log" "$stage/runs/paper/" && logs+=("runs/paper/$name.log")
   for f in metrics samples; do  # samples: each step's most common, best and worst texts
     [ -f "runs/paper/$name/$f.jsonl" ] && cp "runs/paper/$name/$f.jsonl" "$res/$name.$f.jsonl"
   done
@@ -75,9 +76,5 @@ for run in "${runs[@]}"; do
 done
 python3 benchmarks/paper_results.py --results "$res" "$base" 2>&1 | tail -2
 shopt -s nullglob
-logs=(); for run in "${runs[@]}"; do  # the logs of this call's runs (not a metagrad log it did not start)
-  name=$base; [ "$run" = metagrad ] || name=$base-$run
-  [ -f "runs/paper/$name.log" ] && cp "runs/paper/$name.log" "$stage/runs/paper/" && logs+=("runs/paper/$name.log")
-done
 (cd "$stage" && tar czf "$out/paper_$base.tgz" benchmarks/results/paper/$base.* benchmarks/results/paper/$base-*.* "${logs[@]}")
 [ $left = 0 ] && echo "all done: $base" || echo "not done: run the same command again to resume"

@@ -64,8 +64,8 @@ def pruned(cfg: TrainConfig, texts: list[str], first: list[float], k: int, round
     keep = (k / len(texts)) ** (1 / rounds)
     for r in range(rounds):
         n = k if r == rounds - 1 else max(k, round(len(left) * keep))
-        left = sorted(left, key=lambda i: score[left.index(i)], reverse=True)[:n]
-        left.sort()
+        best = sorted(range(len(left)), key=score.__getitem__, reverse=True)[:n]  # positions in `left`
+        left = sorted(left[j] for j in best)
         if r < rounds - 1:
             score = scores(cfg, [texts[i] for i in left], tmp)
             print(f"round {r + 1}: {len(left)} sentences left, rescored", flush=True)
