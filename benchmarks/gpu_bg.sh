@@ -4,7 +4,8 @@
 # started it; `wait` follows it for up to SECONDS (or until it ends), prints the log's tail
 # and copies the named files into $OUT, with every *.tgz under RESULTS (default /tmp/demo_out,
 # where gpu_demo.sh's OUT should point), so every call brings back what the job has so far and
-# the call that sees it end brings back its results: a later call may find a fresh machine.
+# the call that sees it end brings back its results: a later call may find a fresh machine. Each
+# wait also brings back runs_live.tgz: every run's log and metrics.jsonl so far.
 #   bash benchmarks/gpu_bg.sh start 'SETUP=0 BUDGET_S=1800 PIECE_MIN=28 bash benchmarks/gpu_demo.sh german'
 #   bash benchmarks/gpu_bg.sh wait 560 runs/paper/german*.log
 #   bash benchmarks/gpu_bg.sh stop german-naive     # one run of the job, the others go on
@@ -35,7 +36,12 @@ case "${1:-}" in
     # and every results archive so far (gpu_demo.sh's paper_*.tgz under RESULTS, its OUT): the call that
     # sees the job end brings them back, as the next call may find a fresh machine (u/paper_x.tgz -> u_paper_x.tgz)
     results=${RESULTS:-/tmp/demo_out}
-    for f in $(find "$results" -name "*.tgz" 2>/dev/null); do cp "$f" "${OUT:-/tmp/out}/$(echo "${f#"$results"/}" | tr / _)"; done; true ;;
+    for f in $(find "$results" -name "*.tgz" 2>/dev/null); do cp "$f" "${OUT:-/tmp/out}/$(echo "${f#"$results"/}" | tr / _)"; done
+    # and every run's log and metrics.jsonl so far, in one file (runs_live.tgz; RUNS, default
+    # runs/paper): a machine lost between two calls (session 11 lost one 11 minutes into a job)
+    # then takes with it only the steps since the last call, not the curves
+    files=$(cd "${RUNS:-runs/paper}" 2>/dev/null && ls -- *.log */metrics.jsonl 2>/dev/null)
+    [ -z "$files" ] || (cd "${RUNS:-runs/paper}" && tar czf "${OUT:-/tmp/out}/runs_live.tgz" $files); true ;;
   stop)
     # One run out of a job that trains several side by side (say, to give the others the card):
     # its dpg process (train or evaluate, found by output_dir=runs/paper/RUN) and, first, the

@@ -16,7 +16,8 @@ the top k of one scoring need not be a good set. `pruned` follows the scores as 
 small moves: `--rounds` times, drop the lowest-scored share of what is left and score the rest
 again in its own inner run, down to k. The random draws are the baseline in the same run:
 accuracy above theirs is what selection alone buys. Writes JSON (default
-benchmarks/results/paper/pattern_selection_NAME.json).
+benchmarks/results/paper/pattern_selection_NAME.json) and, beside it, the pruned set as a samples
+file (NAME.pruned.jsonl), so `dpg evaluate CONFIG evaluate.samples_file=FILE` repeats its check.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dpg.attribute import AttributeConfig, run_attribute  # noqa: E402
 from dpg.config import TrainConfig, load_config  # noqa: E402
 from dpg.evaluate import measure_samples  # noqa: E402
+from dpg.sampling import write_samples  # noqa: E402
 
 FIRST_UNSEEN = 10304  # the paper configs' prompts.limit: later rows are no training prompt
 
@@ -109,8 +111,12 @@ def main() -> None:
     out = a.out or Path(__file__).resolve().parent / "results" / "paper" / f"pattern_selection_{name}.json"
     best = [{"score": score[i], "text": texts[i]} for i in subsets(score, 8)["top"]]
     out.write_text(json.dumps({"config": a.config, "overrides": a.overrides, "pool": a.pool, "k": a.k,
-                               "rows": rows, "best_8": best}, indent=1, ensure_ascii=False))  # fmt: skip
-    print(f"→ {out}")
+                               "rounds": a.rounds, "device": a.device, "rows": rows, "best_8": best},
+                              indent=1, ensure_ascii=False))  # fmt: skip
+    # the pruned set as a samples file: `dpg evaluate CONFIG evaluate.samples_file=FILE` repeats its check
+    kept = [texts[i] for i in chosen["pruned"]]
+    sets = write_samples(out.with_suffix(".pruned.jsonl"), [""] * len(kept), kept, "pattern_selection:pruned", 0)
+    print(f"→ {out}, {sets}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import ast
 import importlib.util
 import json
 import os
+import sys
+import tarfile
 import importlib
 from pathlib import Path
 
@@ -234,18 +236,27 @@ def test_gpu_demo_packs_a_call_without_the_metagrad_run(tmp_path):
 
 def test_gpu_bg_wait_brings_back_the_results_archives(tmp_path):
     """gpu_bg.sh wait copies, besides the named files, every *.tgz under RESULTS into OUT with
-    flat names, so the call that sees a job end brings its results back."""
+    flat names, so the call that sees a job end brings its results back, and packs every run's
+    log and metrics.jsonl under RUNS (no checkpoints) into runs_live.tgz."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bg.sh"
     results, out = tmp_path / "results", tmp_path / "out"
     job = f"sleep 1; cd {tmp_path}; mkdir -p results/a results/b; echo 1 > results/a/paper_x.tgz"
     job += "; echo 2 > results/b/paper_x.tgz"
-    env = os.environ | {"RESULTS": str(results), "OUT": str(out)}
+    runs = tmp_path / "runs"
+    (runs / "x").mkdir(parents=True)
+    (runs / "x.log").write_text("step 1\n")
+    (runs / "x" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (runs / "x" / "big.safetensors").write_text("weights")
+    env = os.environ | {"RESULTS": str(results), "OUT": str(out), "RUNS": str(runs)}
     subprocess.run(["bash", str(script), "start", job], env=env, check=True, capture_output=True, timeout=30)
     done = subprocess.run(["bash", str(script), "wait", "30"], env=env, capture_output=True, text=True, timeout=60)
     assert "== ended" in done.stdout
     assert (out / "a_paper_x.tgz").read_text() == "1\n" and (out / "b_paper_x.tgz").read_text() == "2\n"
+    with tarfile.open(out / "runs_live.tgz") as live:  # the logs and metrics so far, nothing else
+        assert sorted(live.getnames()) == ["x.log", "x/metrics.jsonl"]
+        assert live.extractfile("x/metrics.jsonl").read() == b'{"step": 1}\n'
 
 
 def test_gpu_bg_stop_ends_one_run_and_spares_the_job(tmp_path):
@@ -336,6 +347,39 @@ def test_pattern_selection_prunes_by_fresh_scores_down_to_k(tmp_path, monkeypatc
     chosen = sel.subsets(first, 8)
     assert set(chosen["top"]) == set(left) and not set(chosen["top"]) & set(chosen["bottom"])
     assert [len(chosen[f"random {s}"]) for s in range(3)] == [8, 8, 8] and chosen["whole pool"] == list(range(60))
+
+
+def test_pattern_selection_writes_its_pruned_set_as_a_samples_file(tmp_path, monkeypatch):
+    """pattern_selection.py's main, with stand-ins for the scorer, the pool and the check: the
+    JSON records the rounds and device it ran with, and the pruned set comes out as a samples
+    file that dpg's reader takes (so `dpg evaluate evaluate.samples_file=` repeats its check),
+    holding exactly the k texts the stand-in scores put on top."""
+    from types import SimpleNamespace
+
+    from dpg.sampling import read_samples
+
+    sel = load_script("pattern_selection")
+    texts = [f"help {'y' * ((i * 13) % 41)}" for i in range(40)]
+    monkeypatch.setattr(sel, "pool", lambda shared, n: texts[:n])
+    monkeypatch.setattr(sel, "scores", lambda cfg, batch, tmp: [float(len(t)) for t in batch])
+    checked = {}
+
+    def check(cfg, name, seed, samples):
+        checked[name] = list(samples)
+        return SimpleNamespace(metric=-float(len(samples)), proxy={"pixel_accuracy": 0.5})
+
+    monkeypatch.setattr(sel, "measure_samples", check)
+    out, config = tmp_path / "sel.json", SCRIPTS[0].parents[1] / "configs" / "paper" / "67.yaml"
+    monkeypatch.setattr(sys, "argv", ["pattern_selection.py", "--config", str(config), "--pool", "40", "--k", "6",
+                                      "--rounds", "2", "--out", str(out)])  # fmt: skip
+    sel.main()
+    got = json.loads(out.read_text())
+    assert (got["pool"], got["k"], got["rounds"], got["device"]) == (40, 6, 2, "cpu")
+    assert got["rows"]["pruned"]["examples"] == 6 and got["rows"]["whole pool"]["phi"] == -40.0
+    rows = read_samples(tmp_path / "sel.pruned.jsonl")
+    longest = sorted(texts, key=len)[-6:]
+    assert sorted(r["completion"] for r in rows) == sorted(longest) == sorted(checked["pruned"])
+    assert {(r["generator"], r["seed"], r["prompt"]) for r in rows} == {("pattern_selection:pruned", 0, "")}
 
 
 def test_scale_rewards_ab_summary_by_hand(tmp_path):
