@@ -10,7 +10,9 @@ sum of its kernels' time), and the top ops by device time and by CPU time. A dev
 small share of the wall time, with many short ops high in the CPU list, is a step bound by
 kernel launches and Python, not by arithmetic: the case to try larger passes
 (grpo.update_microbatch), fused kernels or compilation on. Baseline in the same process: the
-wall time of the same step (the ratio busy / wall is the figure to compare).
+wall time of the same step (the ratio busy / wall is the figure to compare). The split is the
+step's metrics row, whose update time also holds the profiler's processing of its trace at the
+step's end (seconds, for ~10^5 kernels); the wall time stops before it.
 
 Example (the device machine, "67" as the paper's run trains it):
     python benchmarks/update_profile.py configs/paper/67.yaml device=cuda grpo.update_microbatch=64
@@ -65,11 +67,18 @@ def op_rows(events, key: str, top: int) -> list[dict]:
             for e in rows]  # fmt: skip
 
 
+def device_busy(events) -> tuple[float, int]:
+    """Seconds the device was busy and the number of device events (kernels, copies, sets),
+    summed over the device's own events only. A CPU op's self device time is the time of the
+    kernels it launched, which also appear as events of their own: summing every event's self
+    device time, as this script did until session 11, counted each launched kernel twice."""
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in device) / 1e6, sum(e.count for e in device)
+
+
 def summarize(found: dict, metrics: Path, top: int) -> dict:
     events = found["profiler"].key_averages()
-    # Every kernel's time is some op's self device time exactly once: their sum is the time the device was busy
-    busy = sum(e.self_device_time_total for e in events) / 1e6  # s
-    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, kernels = device_busy(events)
     row = [json.loads(line) for line in metrics.read_text().splitlines()][-1]
     return {
         "step": row["step"], "wall_s": found["wall_s"],

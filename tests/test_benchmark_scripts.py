@@ -294,6 +294,26 @@ def test_gpu_bg_stop_ends_one_run_and_spares_the_job(tmp_path):
     assert again.returncode == 1 and "no dpg process of runs/paper/a" in again.stdout
 
 
+def test_update_profile_counts_each_kernel_once():
+    """The device's busy time is the sum over the device's own events: a CPU op's self device
+    time (the kernels it launched) is not added again. Events as torch.profiler's key_averages
+    gives them: aten::mm launching 3 kernels of 5 ms in all, and a kernel launched by a CUDA
+    graph (no CPU op of its own) of 2 ms."""
+    from types import SimpleNamespace
+
+    import torch
+
+    prof = load_script("update_profile")
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    def event(key, device, us, count):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=us, count=count)
+
+    events = [event("aten::mm", cpu, 5000.0, 3), event("gemm_kernel", cuda, 5000.0, 3),
+              event("graph_kernel", cuda, 2000.0, 1), event("cudaLaunchKernel", cpu, 0.0, 3)]  # fmt: skip
+    busy, kernels = prof.device_busy(events)
+    assert busy == pytest.approx(0.007) and kernels == 4
+
+
 def test_update_profile_profiles_the_step_after_warmup(tmp_path):
     """benchmarks/update_profile.py on the CPU with tiny models: it trains warmup + 1 steps and
     profiles the last one whole (its generation, reward and both policy updates: the matmuls of
