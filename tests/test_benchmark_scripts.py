@@ -294,6 +294,44 @@ def test_gpu_bg_stop_ends_one_run_and_spares_the_job(tmp_path):
     assert again.returncode == 1 and "no dpg process of runs/paper/a" in again.stdout
 
 
+def test_update_variants_times_each_variant_against_the_baseline(tmp_path):
+    """benchmarks/update_variants.py on the CPU with tiny models: the baseline and each variant
+    train in their own process; each ratio is the variant's median over the baseline's; step 1's
+    check sees no change where the variant only splits the update into passes of one sequence,
+    and a change where it raises the learning rate 200-fold; a variant that fails is recorded
+    with its error and the variants after it still run."""
+    import subprocess
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "lohelp_en_de.tsv"
+    if not shared.is_file():
+        pytest.skip(f"{shared} is absent (the shared data beside the checkout)")
+    rows = [r.split("\t")[0] for r in shared.read_text().splitlines()]
+    (tmp_path / "short.tsv").write_text("\n".join([r for r in rows if len(r) < 150][:80]) + "\n")
+    tiny = [
+        "device=cpu", "generator.model=tiny-llama", "target.model=tiny-gpt2", "prompts.chat=false",
+        "metric.vocab_offset=0", f"prompts.file={tmp_path / 'short.tsv'}", "prompts.limit=null", "prompts.heldout=4",
+        "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.updates_per_step=2",
+        "grpo.max_completion_length=6", "reward.max_length=16", "reward.tf32=false",
+    ]  # fmt: skip
+    script, out = SCRIPTS[0].parent / "update_variants.py", tmp_path / "variants.json"
+    command = [sys.executable, str(script), "configs/paper/67.yaml", *tiny, "--steps", "3", "--warmup", "1",
+               "--variant", "grpo.update_microbatch=1", "--variant", "reward.name=no_such_reward",
+               "--variant", "grpo.learning_rate=1e-3", "--out", str(out)]
+    done = subprocess.run(command, cwd=script.parents[1], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["baseline", "grpo.update_microbatch=1", "reward.name=no_such_reward",
+                          "grpo.learning_rate=1e-3"]  # fmt: skip
+    assert "no_such_reward" in runs["reward.name=no_such_reward"]["error"]  # recorded, and the next variant ran
+    base, passes, lr = runs["baseline"], runs["grpo.update_microbatch=1"], runs["grpo.learning_rate=1e-3"]
+    for k in ("generation", "reward", "update", "step"):
+        assert passes["ratio_to_baseline"][k] == pytest.approx(passes["median_s"][k] / base["median_s"][k])
+    assert base["steps_timed"] == 2 and base["step1"]["grad_norm"] > 0
+    assert passes["step1_relative_difference"]["grad_norm"] < 1e-4
+    assert lr["step1_relative_difference"]["grad_norm"] > 1e-3
+
+
 def test_update_profile_counts_each_kernel_once():
     """The device's busy time is the sum over the device's own events: a CPU op's self device
     time (the kernels it launched) is not added again. Events as torch.profiler's key_averages

@@ -1,0 +1,120 @@
+"""A GRPO step's time under variants of one config, against the config as it is.
+
+    python benchmarks/update_variants.py CONFIG [KEY=VALUE ...] --variant "grpo.extra.torch_compile=true"
+        [--variant "grpo.update_microbatch=128" ...] [--steps 5] [--warmup 2] [--out FILE.json]
+
+Trains CONFIG with the common overrides for --steps GRPO steps, once as it is (the baseline)
+and once per --variant (more overrides, space-separated), one after another in this invocation,
+each in its own `dpg train` process and output_dir (no checkpoints), so each variant's baseline
+runs on the same machine in the same call. Prints for each run the medians over the steps after
+--warmup of dpg's split of a step (time/generation, time/reward, time/update, time/step), each
+variant's ratio to the baseline, and the peak device memory the run printed. As the check that a
+variant trains the same policy: step 1's loss and gradient norm (trl/loss, trl/grad_norm), which
+come from the same generated batch and rewards in every run (the same seed, the same weights
+before the step), relative to the baseline's; a variant that changes the update shows there.
+A variant that fails (say, fused kernels the device's stack lacks) is recorded with its error,
+and the others still run.
+
+Example (the device machine, after benchmarks/gpu_setup.sh; ~2 minutes a run):
+    python benchmarks/update_variants.py configs/paper/67.yaml device=cuda grpo.update_microbatch=64 \\
+        recipe.microbatch_size=32 --variant grpo.extra.torch_compile=true --variant grpo.update_microbatch=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT = ("generation", "reward", "update", "step")
+
+
+def train(config: str, overrides: list[str], steps: int, out_dir: Path) -> tuple[list[dict], str]:
+    """One `dpg train` run of `steps` steps: its metrics rows and its console output; a run that
+    fails raises RuntimeError with its output's tail."""
+    over = [*overrides, f"output_dir={out_dir}", f"grpo.steps={steps}", "grpo.save_every=0", "grpo.png_every=0",
+            "resume=false", "time_limit=0"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "dpg.cli", "train", config, *over], cwd=ROOT, text=True,
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{done.stdout[-1500:]}{done.stderr[-1500:]}")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return rows, done.stdout
+
+
+def summary(rows: list[dict], console: str, warmup: int) -> dict:
+    """Medians of the split over the steps after warmup; step 1's loss and gradient norm; peak memory."""
+    timed = [r for r in rows if r["step"] > warmup] or rows
+    first = rows[0]
+    peak = re.search(r"peak GPU memory ([\d.]+) GB reserved", console)
+    return {
+        "steps_timed": len(timed),
+        "median_s": {k: statistics.median(r[f"time/{k}"] for r in timed) for k in SPLIT},
+        "step1": {"loss": first.get("trl/loss"), "grad_norm": first.get("trl/grad_norm")},
+        "peak_reserved_gb": float(peak.group(1)) if peak else None,
+    }
+
+
+def compare(base: dict, run: dict) -> dict:
+    """A variant against the baseline: time ratios, and step 1's relative differences."""
+    ratio = {k: run["median_s"][k] / base["median_s"][k] for k in SPLIT}
+    rel = {}
+    for k, b in base["step1"].items():
+        v = run["step1"][k]
+        rel[k] = None if b is None or v is None else abs(v - b) / max(abs(b), 1e-30)
+    return {"ratio_to_baseline": ratio, "step1_relative_difference": rel}
+
+
+def measure(a: argparse.Namespace) -> dict:
+    """Each run's summary, the baseline first; a variant that fails is recorded with its error
+    and the others go on (a device call's minutes are dear)."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, variant in enumerate(["", *a.variant]):
+            name = variant or "baseline"
+            try:
+                rows, console = train(a.config, [*a.overrides, *variant.split()], a.steps, Path(tmp) / f"run{n}")
+            except RuntimeError as err:
+                runs[name] = {"error": str(err)}
+                print(f"{name:>40}: failed\n{err}", flush=True)
+                continue
+            runs[name] = r = summary(rows, console, a.warmup)
+            print(f"{name:>40}: " + "  ".join(f"{k} {v:.3f}s" for k, v in r["median_s"].items())
+                  + f"  peak {r['peak_reserved_gb']} GB", flush=True)  # fmt: skip
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE for every run")
+    ap.add_argument("--variant", action="append", default=[], help="more overrides, space-separated (repeatable)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the medians (compilation, caches)")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    if not a.variant:
+        ap.error("name at least one --variant")
+    runs = measure(a)
+    base = runs["baseline"]
+    if "error" in base:
+        raise SystemExit(f"the baseline failed:\n{base['error']}")
+    for variant in (v for v in a.variant if "error" not in runs[v]):
+        runs[variant] |= compare(base, runs[variant])
+        ratio, diff = runs[variant]["ratio_to_baseline"], runs[variant]["step1_relative_difference"]
+        print(f"{variant:>40}: update ×{ratio['update']:.3f}, step ×{ratio['step']:.3f} of the baseline's;"
+              f" step 1 relative difference {diff}")  # fmt: skip
+    result = {"config": a.config, "overrides": a.overrides, "steps": a.steps, "warmup": a.warmup, "runs": runs}
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
+        print(f"→ {a.out}")
+
+
+if __name__ == "__main__":
+    main()
