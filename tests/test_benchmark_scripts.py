@@ -294,6 +294,22 @@ def test_gpu_bg_stop_ends_one_run_and_spares_the_job(tmp_path):
     assert again.returncode == 1 and "no dpg process of runs/paper/a" in again.stdout
 
 
+def tiny_67(tmp_path: Path, generations: int) -> list[str]:
+    """Overrides that run configs/paper/67.yaml with tiny models on the CPU, on 80 short prompts
+    from ../shared's help corpus (the test is skipped where ../shared is absent)."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "lohelp_en_de.tsv"
+    if not shared.is_file():
+        pytest.skip(f"{shared} is absent (the shared data beside the checkout)")
+    rows = [r.split("\t")[0] for r in shared.read_text().splitlines()]
+    (tmp_path / "short.tsv").write_text("\n".join([r for r in rows if len(r) < 150][:80]) + "\n")
+    return [
+        "device=cpu", "generator.model=tiny-llama", "target.model=tiny-gpt2", "prompts.chat=false",
+        "metric.vocab_offset=0", f"prompts.file={tmp_path / 'short.tsv'}", "prompts.limit=null", "prompts.heldout=4",
+        "grpo.prompts_per_step=2", f"grpo.num_generations={generations}", "grpo.updates_per_step=2",
+        "grpo.max_completion_length=6", "reward.max_length=16", "reward.tf32=false",
+    ]  # fmt: skip
+
+
 def test_update_variants_times_each_variant_against_the_baseline(tmp_path):
     """benchmarks/update_variants.py on the CPU with tiny models: the baseline and each variant
     train in their own process; each ratio is the variant's median over the baseline's; step 1's
@@ -302,17 +318,7 @@ def test_update_variants_times_each_variant_against_the_baseline(tmp_path):
     with its error and the variants after it still run."""
     import subprocess
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "lohelp_en_de.tsv"
-    if not shared.is_file():
-        pytest.skip(f"{shared} is absent (the shared data beside the checkout)")
-    rows = [r.split("\t")[0] for r in shared.read_text().splitlines()]
-    (tmp_path / "short.tsv").write_text("\n".join([r for r in rows if len(r) < 150][:80]) + "\n")
-    tiny = [
-        "device=cpu", "generator.model=tiny-llama", "target.model=tiny-gpt2", "prompts.chat=false",
-        "metric.vocab_offset=0", f"prompts.file={tmp_path / 'short.tsv'}", "prompts.limit=null", "prompts.heldout=4",
-        "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.updates_per_step=2",
-        "grpo.max_completion_length=6", "reward.max_length=16", "reward.tf32=false",
-    ]  # fmt: skip
+    tiny = tiny_67(tmp_path, generations=4)
     script, out = SCRIPTS[0].parent / "update_variants.py", tmp_path / "variants.json"
     command = [sys.executable, str(script), "configs/paper/67.yaml", *tiny, "--steps", "3", "--warmup", "1",
                "--variant", "grpo.update_microbatch=1", "--variant", "reward.name=no_such_reward",
@@ -359,17 +365,7 @@ def test_update_profile_profiles_the_step_after_warmup(tmp_path):
     import subprocess
     import sys
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "lohelp_en_de.tsv"
-    if not shared.is_file():
-        pytest.skip(f"{shared} is absent (the shared data beside the checkout)")
-    rows = [r.split("\t")[0] for r in shared.read_text().splitlines()]
-    (tmp_path / "short.tsv").write_text("\n".join([r for r in rows if len(r) < 150][:80]) + "\n")
-    tiny = [
-        "device=cpu", "generator.model=tiny-llama", "target.model=tiny-gpt2", "prompts.chat=false",
-        "metric.vocab_offset=0", f"prompts.file={tmp_path / 'short.tsv'}", "prompts.limit=null", "prompts.heldout=4",
-        "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.updates_per_step=2",
-        "grpo.max_completion_length=6", "reward.max_length=16", "reward.tf32=false",
-    ]  # fmt: skip
+    tiny = tiny_67(tmp_path, generations=2)
     script = SCRIPTS[0].parent / "update_profile.py"
     out = tmp_path / "profile.json"
     command = [sys.executable, str(script), "configs/paper/67.yaml", *tiny, "--warmup", "1", "--out", str(out)]
