@@ -436,6 +436,41 @@ def test_pattern_selection_writes_its_pruned_set_as_a_samples_file(tmp_path, mon
     assert {(r["generator"], r["seed"], r["prompt"]) for r in rows} == {("pattern_selection:pruned", 0, "")}
 
 
+def test_curve_reach_on_curves_known_in_closed_form(tmp_path):
+    """curve_reach.py on exact curves: ΔΦ = 0.001 + 1e-5·step reaches 0.002 at step 100 by the
+    line (no scatter: the ± SE range is that step too); 0.001·e^(0.01·step) reaches 0.002 at
+    100·ln 2 by the exponential; a level already passed says so, and a falling curve never
+    reaches a higher one. The same series read back from console lines (dpg.report's format,
+    3 digits of ΔΦ) gives the line's step to within the digits."""
+    import math
+
+    from dpg.report import console_line
+
+    cr = load_script("curve_reach")
+    steps = range(1, 51)
+
+    def write(name, values, jsonl=True):
+        rows = [{"step": s, "phi": -3.0 + v, "phi_before": -3.0, "time/generation": 1.0, "time/reward": 1.0,
+                 "time/update": 1.0} for s, v in zip(steps, values)]  # fmt: skip
+        path = tmp_path / name
+        text = [json.dumps(r) for r in rows] if jsonl else [console_line(r, 50) for r in rows]
+        path.write_text("\n".join(text) + "\n")
+        return path
+
+    x, y = cr.series(write("line.jsonl", [0.001 + 1e-5 * s for s in steps]), "delta_phi", 1024)
+    got = cr.judge(x, y, 0.002, 40, 1024)
+    assert got["steps_fitted"] == [11.0, 50.0] and got["line"]["reaches_at_step"] == pytest.approx(100.0)
+    assert got["line"]["range_slope_pm_se"] == pytest.approx([100.0, 100.0])
+    assert got["line"]["examples_by_then"] == 102400
+    x, y = cr.series(write("exp.jsonl", [0.001 * math.exp(0.01 * s) for s in steps]), "delta_phi", 1024)
+    assert cr.judge(x, y, 0.002, 40, 1024)["exponential"]["reaches_at_step"] == pytest.approx(100 * math.log(2))
+    assert cr.judge(x, y, 0.0011, 40, 1024)["line"]["reaches_at_step"] == "already"
+    x, y = cr.series(write("fall.jsonl", [0.002 - 1e-5 * s for s in steps]), "delta_phi", 1024)
+    assert cr.judge(x, y, 0.003, 40, 1024)["line"]["reaches_at_step"] == "never"
+    x, y = cr.series(write("line.log", [0.001 + 1e-5 * s for s in steps], jsonl=False), "delta_phi", 1024)
+    assert cr.judge(x, y, 0.002, 40, 1024)["line"]["reaches_at_step"] == pytest.approx(100.0, rel=0.05)
+
+
 def test_scale_rewards_ab_summary_by_hand(tmp_path):
     """The A/B's figures for one run, from files written by hand: the last step's entropy and
     share, the least share, the first step below 0.9, the mean accuracy over sampling seeds."""
