@@ -68,7 +68,8 @@ def op_rows(events, key: str, top: int) -> list[dict]:
 
 
 def device_busy(events) -> tuple[float, int]:
-    """Seconds the device was busy and the number of device events (kernels, copies, sets),
+    """Seconds the device was busy (the sum of its events' times: kernels that overlap on
+    concurrent streams count each) and the number of device events (kernels, copies, sets),
     summed over the device's own events only. A CPU op's self device time is the time of the
     kernels it launched, which also appear as events of their own: summing every event's self
     device time, as this script did until session 11, counted each launched kernel twice."""
