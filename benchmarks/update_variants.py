@@ -8,7 +8,7 @@ and once per --variant (more overrides, space-separated), one after another in t
 each in its own `dpg train` process and output_dir (no checkpoints), so each variant's baseline
 runs on the same machine in the same call. Prints for each run the medians over the steps after
 --warmup of dpg's split of a step (time/generation, time/reward, time/update, time/step), each
-variant's ratio to the baseline, and the peak device memory the run printed. As the check that a
+variant's ratio to the baseline, and the peak device memory its metrics record. As the check that a
 variant trains the same policy: step 1's loss and gradient norm (trl/loss, trl/grad_norm), which
 come from the same generated batch and rewards in every run (the same seed, the same weights
 before the step), relative to the baseline's; a variant that changes the update shows there.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ("generation", "reward", "update", "step")
 
 
-def train(config: str, overrides: list[str], steps: int, out_dir: Path) -> tuple[list[dict], str]:
-    """One `dpg train` run of `steps` steps: its metrics rows and its console output; a run that
-    fails raises RuntimeError with its output's tail."""
+def train(config: str, overrides: list[str], steps: int, out_dir: Path) -> list[dict]:
+    """One `dpg train` run of `steps` steps: its metrics rows; a run that fails raises
+    RuntimeError with its output's tail."""
     over = [*overrides, f"output_dir={out_dir}", f"grpo.steps={steps}", "grpo.save_every=0", "grpo.png_every=0",
             "resume=false", "time_limit=0"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "dpg.cli", "train", config, *over], cwd=ROOT, text=True,
@@ -45,19 +44,19 @@ def train(config: str, overrides: list[str], steps: int, out_dir: Path) -> tuple
     if done.returncode != 0:
         raise RuntimeError(f"{done.stdout[-1500:]}{done.stderr[-1500:]}")
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return rows, done.stdout
+    return rows
 
 
-def summary(rows: list[dict], console: str, warmup: int) -> dict:
-    """Medians of the split over the steps after warmup; step 1's loss and gradient norm; peak memory."""
+def summary(rows: list[dict], warmup: int) -> dict:
+    """Medians of the split over the steps after warmup; step 1's loss and gradient norm; peak
+    memory (the last row's, as `dpg train` records it on a GPU)."""
     timed = [r for r in rows if r["step"] > warmup] or rows
     first = rows[0]
-    peak = re.search(r"peak GPU memory ([\d.]+) GB reserved", console)
     return {
         "steps_timed": len(timed),
         "median_s": {k: statistics.median(r[f"time/{k}"] for r in timed) for k in SPLIT},
         "step1": {"loss": first.get("trl/loss"), "grad_norm": first.get("trl/grad_norm")},
-        "peak_reserved_gb": float(peak.group(1)) if peak else None,
+        "peak_reserved_gb": rows[-1].get("memory/peak_reserved_gb"),
     }
 
 
@@ -79,12 +78,12 @@ def measure(a: argparse.Namespace) -> dict:
         for n, variant in enumerate(["", *a.variant]):
             name = variant or "baseline"
             try:
-                rows, console = train(a.config, [*a.overrides, *variant.split()], a.steps, Path(tmp) / f"run{n}")
+                rows = train(a.config, [*a.overrides, *variant.split()], a.steps, Path(tmp) / f"run{n}")
             except RuntimeError as err:
                 runs[name] = {"error": str(err)}
                 print(f"{name:>40}: failed\n{err}", flush=True)
                 continue
-            runs[name] = r = summary(rows, console, a.warmup)
+            runs[name] = r = summary(rows, a.warmup)
             print(f"{name:>40}: " + "  ".join(f"{k} {v:.3f}s" for k, v in r["median_s"].items())
                   + f"  peak {r['peak_reserved_gb']} GB", flush=True)  # fmt: skip
     return runs
