@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from dpg.metagrad.precision import agreement, tf32_matmuls
+from dpg.metagrad.precision import agreement, matmul_precision, tf32_matmuls
 
 
 def test_agreement_by_hand():
@@ -20,10 +21,35 @@ def test_agreement_by_hand():
 
 
 def test_tf32_switch_restores_the_setting():
-    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
     with tf32_matmuls(True):
-        assert torch.get_float32_matmul_precision() == "high"
+        assert matmul_precision() == "tf32"
         with tf32_matmuls(False):
-            assert torch.get_float32_matmul_precision() == "highest"
-        assert torch.get_float32_matmul_precision() == "high"
-    assert torch.get_float32_matmul_precision() == "highest"
+            assert matmul_precision() == "ieee"
+        assert matmul_precision() == "tf32"
+    assert matmul_precision() == "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("global_setting", ["tf32", "ieee"])
+def test_tf32_switch_under_a_global_setting_from_the_new_api(global_setting):
+    """transformers' TrainingArguments(torch_compile=True) sets `torch.backends.fp32_precision`
+    (torch's new API) to "tf32"; torch's legacy getter then raises, and so did this switch when it
+    used it (session 12's torch_compile run on the H200). It must work and still force full fp32
+    when asked, over the global setting, and leave the global setting as it found it."""
+    before = torch.backends.fp32_precision
+    torch.backends.fp32_precision = global_setting
+    try:
+        if global_setting == "tf32":
+            with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+                torch.get_float32_matmul_precision()  # why the switch must not use the legacy API
+        with tf32_matmuls(False):
+            assert matmul_precision() == "ieee"
+        with tf32_matmuls(True):
+            assert matmul_precision() == "tf32"
+        assert matmul_precision() == global_setting
+        torch.backends.fp32_precision = "ieee" if global_setting == "tf32" else "tf32"
+        assert matmul_precision() == torch.backends.fp32_precision  # inherited again, not pinned
+    finally:
+        torch.backends.fp32_precision = before
+        torch.backends.cuda.matmul.fp32_precision = "none"

@@ -278,3 +278,22 @@ def test_time_limit_stops_after_a_step_with_a_checkpoint_and_the_same_command_re
     assert all(0 < r["distinct_share"] <= 1 for r in rows)
     with pytest.raises(DpgError, match="time_limit must be at least 0 minutes"):
         run_train(tiny(tmp_path / "bad", "time_limit=-1"))
+
+
+def test_a_step_runs_under_a_global_tf32_setting_from_the_new_api(tmp_path):
+    """transformers' TrainingArguments(torch_compile=True) on an Ampere-or-newer GPU turns TF32 on
+    through torch's new precision API (`torch.backends.fp32_precision = "tf32"`), after which
+    torch's legacy getter raises; dpg's reward read that getter and died at step 1 (session 12,
+    `grpo.extra.torch_compile=true` on the H200). A step must run under that setting and leave
+    it as it found it."""
+    from dpg.metagrad.precision import matmul_precision
+
+    before = torch.backends.fp32_precision
+    torch.backends.fp32_precision = "tf32"
+    try:
+        run_train(tiny(tmp_path, "grpo.steps=1", "grpo.save_every=0", "grpo.png_every=0"))
+        assert torch.backends.fp32_precision == "tf32" and matmul_precision() == "tf32"
+    finally:
+        torch.backends.fp32_precision = before
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(row["phi"]) and row["raw_std"] > 0

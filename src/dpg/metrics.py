@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from dpg.data import encode_texts, read_texts, row_slice
 from dpg.errors import DpgError
 from dpg.metagrad.engine import Examples
+from dpg.metagrad.precision import matmul_precision, set_matmul_precision
 
 Params = dict[str, Tensor]
 
@@ -192,13 +193,13 @@ def _kernels_as_now() -> tuple[contextlib.AbstractContextManager, contextlib.Abs
     even when backward runs outside the caller's `sdpa_kernel(...)`, `tf32_matmuls()` or mode
     block: anything else would recompute different values (torch checks dtypes and shapes)."""
     flags = [f() for f in _SDPA_FLAGS]
-    precision = torch.get_float32_matmul_precision()
+    precision = matmul_precision()
     # torch's own checkpoint re-enters the forward's DeviceContext; every other mode is ours to restore.
     modes = [m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
 
     @contextlib.contextmanager
     def as_in_forward():
-        before = [f() for f in _SDPA_FLAGS], torch.get_float32_matmul_precision()
+        before = [f() for f in _SDPA_FLAGS], matmul_precision()
         _set_kernels(flags, precision)
         try:
             with contextlib.ExitStack() as stack:
@@ -224,7 +225,7 @@ _SDPA_FLAGS = {  # scaled-dot-product-attention backends (global switches, CPU a
 def _set_kernels(flags: list[bool], precision: str) -> None:
     for setter, on in zip(_SDPA_FLAGS.values(), flags):
         setter(on)
-    torch.set_float32_matmul_precision(precision)
+    set_matmul_precision(precision)
 
 
 @dataclass(frozen=True, eq=False)

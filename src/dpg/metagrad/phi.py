@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dpg.errors import DpgError
+from dpg.metagrad.precision import matmul_precision
 from dpg.metagrad.records import check_metric_value, proxy_figures
 from dpg.metagrad.target import Target
 
@@ -45,7 +46,7 @@ def metric_before(metric: Metric, model: nn.Module, target: Target, want_support
     first = next(iter(target.params.values()))
     key = (
         tuple((id(t), t._version, t.requires_grad) for t in tensors),
-        first.dtype, first.device, torch.get_float32_matmul_precision(),
+        first.dtype, first.device, matmul_precision(),
     )  # fmt: skip
     if _last:
         hit = _last[0]

@@ -31,17 +31,35 @@ class float64_everywhere(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def matmul_precision() -> str:
+    """CUDA's fp32 matmul precision as torch ≥ 2.9 names it: "ieee" (full fp32), "tf32", or
+    "none" (inherits `torch.backends.fp32_precision`). Read through the new API only: torch's
+    legacy getter (`torch.get_float32_matmul_precision`) raises once anything has set the new
+    one, which transformers does under `torch_compile` (session 12 lost a run's rewards to it)."""
+    return torch.backends.cuda.matmul.fp32_precision
+
+
+def set_matmul_precision(value: str) -> None:
+    """Put `value` back as `matmul_precision()` reads it: as inherited from the global setting
+    ("none") where that gives it, else set on CUDA matmuls."""
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    if matmul_precision() != value:
+        torch.backends.cuda.matmul.fp32_precision = value
+
+
 @contextmanager
 def tf32_matmuls(enabled: bool = True):
     """fp32 matrix products in TF32 on CUDA (10-bit mantissa inputs, fp32 accumulation) inside
-    the context, then the previous setting back. No effect on CPU. The engine's default stays
-    full fp32: `dpg check` on CUDA and benchmarks/grpo_step.py report the scores' TF32 error."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    the context, full fp32 ("ieee") otherwise, whatever the global setting (transformers turns
+    TF32 on globally under `torch_compile`); then the previous setting back. No effect on CPU.
+    The engine's default stays full fp32: `dpg check` on CUDA and benchmarks/grpo_step.py report
+    the scores' TF32 error."""
+    before = matmul_precision()
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        set_matmul_precision(before)
 
 
 def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
