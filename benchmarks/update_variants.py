@@ -9,9 +9,13 @@ each in its own `dpg train` process and output_dir (no checkpoints), so each var
 runs on the same machine in the same call. Prints for each run the medians over the steps after
 --warmup of dpg's split of a step (time/generation, time/reward, time/update, time/step), each
 variant's ratio to the baseline, and the peak device memory its metrics record. As the check that a
-variant trains the same policy: step 1's loss and gradient norm (trl/loss, trl/grad_norm), which
-come from the same generated batch and rewards in every run (the same seed, the same weights
-before the step), relative to the baseline's; a variant that changes the update shows there.
+variant trains the same policy: step 1's loss and gradient norm (trl/loss, trl/grad_norm)
+relative to the baseline's, where step 1's batch is the baseline's (the same seed and weights
+draw the same completions, unless the variant changes generation); a variant that changes the
+update shows there. A variant that changes step 1's batch (its completions' mean length or its
+rewards' mean differ: liger-kernel's patches, say, reach dpg's sampler, whose bf16 logits then
+round differently and sample other tokens) is reported as not comparable, as its loss and
+gradient then differ by sampling alone (session 12's liger run: loss 38 % apart).
 A variant that fails (say, fused kernels the device's stack lacks) is recorded with its error,
 and the others still run.
 
@@ -32,6 +36,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ("generation", "reward", "update", "step")
+BATCH = ("trl/completions/mean_length", "target_tokens", "raw_mean", "raw_std")  # step 1's batch, in brief
+
+
+def same_batch(base: dict, run: dict) -> bool:
+    """Whether step 1 trained on the baseline's batch: the same mean lengths, and rewards whose
+    mean agrees to 1e-4 of their spread (rounding, not another draw: a new batch of n moves the
+    mean by ~spread/√n)."""
+    b, r = base["step1_batch"], run["step1_batch"]
+    if any(b[k] != r[k] for k in BATCH[:2]):
+        return False
+    return abs(b["raw_mean"] - r["raw_mean"]) <= 1e-4 * max(b["raw_std"], 1e-30)
 
 
 def train(config: str, overrides: list[str], steps: int, out_dir: Path) -> list[dict]:
@@ -56,18 +71,22 @@ def summary(rows: list[dict], warmup: int) -> dict:
         "steps_timed": len(timed),
         "median_s": {k: statistics.median(r[f"time/{k}"] for r in timed) for k in SPLIT},
         "step1": {"loss": first.get("trl/loss"), "grad_norm": first.get("trl/grad_norm")},
+        "step1_batch": {k: first.get(k) for k in BATCH},
         "peak_reserved_gb": rows[-1].get("memory/peak_reserved_gb"),
     }
 
 
 def compare(base: dict, run: dict) -> dict:
-    """A variant against the baseline: time ratios, and step 1's relative differences."""
+    """A variant against the baseline: time ratios, and step 1's relative differences (None
+    where step 1's batch was not the baseline's)."""
     ratio = {k: run["median_s"][k] / base["median_s"][k] for k in SPLIT}
+    if not same_batch(base, run):
+        return {"ratio_to_baseline": ratio, "step1_relative_difference": None, "same_step1_batch": False}
     rel = {}
     for k, b in base["step1"].items():
         v = run["step1"][k]
         rel[k] = None if b is None or v is None else abs(v - b) / max(abs(b), 1e-30)
-    return {"ratio_to_baseline": ratio, "step1_relative_difference": rel}
+    return {"ratio_to_baseline": ratio, "step1_relative_difference": rel, "same_step1_batch": True}
 
 
 def measure(a: argparse.Namespace) -> dict:
@@ -107,8 +126,9 @@ def main() -> None:
     for variant in (v for v in a.variant if "error" not in runs[v]):
         runs[variant] |= compare(base, runs[variant])
         ratio, diff = runs[variant]["ratio_to_baseline"], runs[variant]["step1_relative_difference"]
-        print(f"{variant:>40}: update ×{ratio['update']:.3f}, step ×{ratio['step']:.3f} of the baseline's;"
-              f" step 1 relative difference {diff}")  # fmt: skip
+        check = f"step 1 relative difference {diff}" if diff is not None else (
+            "step 1 not comparable: another batch (the variant changed generation)")
+        print(f"{variant:>40}: update ×{ratio['update']:.3f}, step ×{ratio['step']:.3f} of the baseline's; {check}")
     result = {"config": a.config, "overrides": a.overrides, "steps": a.steps, "warmup": a.warmup, "runs": runs}
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))

@@ -314,21 +314,22 @@ def test_update_variants_times_each_variant_against_the_baseline(tmp_path):
     """benchmarks/update_variants.py on the CPU with tiny models: the baseline and each variant
     train in their own process; each ratio is the variant's median over the baseline's; step 1's
     check sees no change where the variant only splits the update into passes of one sequence,
-    and a change where it raises the learning rate 200-fold; a variant that fails is recorded
-    with its error and the variants after it still run."""
+    and a change where it raises the learning rate 200-fold; a variant that samples another
+    step-1 batch (another temperature) is not compared; a variant that fails is recorded with
+    its error and the variants after it still run."""
     import subprocess
 
     tiny = tiny_67(tmp_path, generations=4)
     script, out = SCRIPTS[0].parent / "update_variants.py", tmp_path / "variants.json"
     command = [sys.executable, str(script), "configs/paper/67.yaml", *tiny, "--steps", "3", "--warmup", "1",
                "--variant", "grpo.update_microbatch=1", "--variant", "reward.name=no_such_reward",
-               "--variant", "grpo.learning_rate=1e-3", "--out", str(out)]
+               "--variant", "grpo.learning_rate=1e-3", "--variant", "grpo.temperature=0.5", "--out", str(out)]
     done = subprocess.run(command, cwd=script.parents[1], capture_output=True, text=True, timeout=600,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     runs = json.loads(out.read_text())["runs"]
     assert list(runs) == ["baseline", "grpo.update_microbatch=1", "reward.name=no_such_reward",
-                          "grpo.learning_rate=1e-3"]  # fmt: skip
+                          "grpo.learning_rate=1e-3", "grpo.temperature=0.5"]  # fmt: skip
     assert "no_such_reward" in runs["reward.name=no_such_reward"]["error"]  # recorded, and the next variant ran
     base, passes, lr = runs["baseline"], runs["grpo.update_microbatch=1"], runs["grpo.learning_rate=1e-3"]
     for k in ("generation", "reward", "update", "step"):
@@ -336,6 +337,10 @@ def test_update_variants_times_each_variant_against_the_baseline(tmp_path):
     assert base["steps_timed"] == 2 and base["step1"]["grad_norm"] > 0
     assert passes["step1_relative_difference"]["grad_norm"] < 1e-4
     assert lr["step1_relative_difference"]["grad_norm"] > 1e-3
+    assert passes["same_step1_batch"] and lr["same_step1_batch"]
+    hotter = runs["grpo.temperature=0.5"]
+    assert hotter["same_step1_batch"] is False and hotter["step1_relative_difference"] is None
+    assert hotter["step1_batch"]["raw_mean"] != base["step1_batch"]["raw_mean"]
 
 
 def test_update_profile_counts_each_kernel_once():

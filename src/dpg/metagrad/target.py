@@ -222,6 +222,13 @@ def _use_differentiable_attention(module: nn.Module) -> None:
     )
 
 
+_OLD_STYLE_FUNCTION = (
+    " (an autograd.Function without setup_context cannot go through torch.func; liger-kernel's "
+    "patches, grpo.extra.use_liger_kernel, are such functions, and replace a model family's RoPE "
+    "process-wide, the target's too when it is of the generator's family: leave them off there)"
+)
+
+
 @contextlib.contextmanager
 def higher_order():
     """Context for forward-mode and second-order passes: math attention, clear errors."""
@@ -234,9 +241,10 @@ def higher_order():
             s in text
             for s in ("not implemented", "forward AD", "forward-mode", "jvp", "double backward", "once_differentiable")
         ):
+            hint = _OLD_STYLE_FUNCTION if "setup_context" in text else ""
             raise DpgError(
                 "the target model uses an operation with no forward-mode or second-order "
-                f"derivative, so its exact metagradient cannot be computed: {text.splitlines()[0]}"
+                f"derivative, so its exact metagradient cannot be computed: {text.splitlines()[0]}{hint}"
             ) from err
         raise
 
