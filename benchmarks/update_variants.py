@@ -42,10 +42,13 @@ BATCH = ("trl/completions/mean_length", "target_tokens", "raw_mean", "raw_std") 
 def same_batch(base: dict, run: dict) -> bool:
     """Whether step 1 trained on the baseline's batch: the same mean lengths, and rewards whose
     mean agrees to 1e-4 of their spread (rounding, not another draw: a new batch of n moves the
-    mean by ~spread/√n)."""
+    mean by ~spread/√n). Rewards that record no mean (the baselines': levenshtein, ...) leave
+    the lengths alone to tell."""
     b, r = base["step1_batch"], run["step1_batch"]
-    if any(b[k] != r[k] for k in BATCH[:2]):
+    if b["trl/completions/mean_length"] != r["trl/completions/mean_length"] or b["target_tokens"] != r["target_tokens"]:
         return False
+    if b["raw_mean"] is None or r["raw_mean"] is None:
+        return True
     return abs(b["raw_mean"] - r["raw_mean"]) <= 1e-4 * max(b["raw_std"], 1e-30)
 
 

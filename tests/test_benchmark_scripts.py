@@ -343,6 +343,19 @@ def test_update_variants_times_each_variant_against_the_baseline(tmp_path):
     assert hotter["step1_batch"]["raw_mean"] != base["step1_batch"]["raw_mean"]
 
 
+def test_update_variants_same_batch_by_hand():
+    """Step 1's batch in brief: lengths must match, rewards' means within 1e-4 of their spread;
+    a reward that records no mean (the baselines') is judged by the lengths alone, not a crash."""
+    same_batch = load_script("update_variants").same_batch
+    brief = {"trl/completions/mean_length": 40.5, "target_tokens": 52.0, "raw_mean": -3.0, "raw_std": 2e-3}
+    run = lambda **kw: {"step1_batch": brief | kw}  # noqa: E731
+    assert same_batch(run(), run(raw_mean=-3.0 + 1.9e-7))
+    assert not same_batch(run(), run(raw_mean=-3.0 + 2.1e-7))
+    assert not same_batch(run(), run(target_tokens=52.5))
+    assert same_batch(run(raw_mean=None, raw_std=None), run(raw_mean=None, raw_std=None))
+    assert not same_batch(run(raw_mean=None, raw_std=None), run(raw_mean=None, raw_std=None, target_tokens=None))
+
+
 def test_update_profile_counts_each_kernel_once():
     """The device's busy time is the sum over the device's own events: a CPU op's self device
     time (the kernels it launched) is not added again. Events as torch.profiler's key_averages
