@@ -105,6 +105,25 @@ def test_metagrad_ratio_runs_every_case_on_the_tiny_shape(tmp_path):
     assert all(got[case]["seconds"] > 0 and got[case]["phases"]["train"] > 0 for case in ("head", "lm_loss", "m4_head"))
 
 
+def test_inner_ops_counts_dpg_fine_tune_against_the_plain_loop(tmp_path):
+    """dpg's inner fine-tune dispatches about the ops of the plain SFT loop at each microbatch,
+    and far fewer at 4 times the microbatch, on the tiny GPT-2 (the counts are the profiler's,
+    so a path that grew per-op overhead, or a microbatch setting that stopped taking effect,
+    shows here)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ops.json"
+    script = SCRIPTS[0].parent / "inner_ops.py"
+    args = [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--examples", "32", "--seq-len", "16",
+            "--micro", "4", "16", "--reps", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    rows = {r["micro"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(0.8 < r["ops_ratio"] < 1.25 and r["dpg_seconds"] > 0 for r in rows.values())
+    for name in ("plain_ops", "dpg_ops"):  # 8 microbatches against 2; the optimizer step is the same
+        assert 2.0 < rows[4][name] / rows[16][name] < 4.2
+
+
 def test_pattern_reach_figures_by_hand():
     """Three contexts' head inputs over two hidden dims, a 2 × 2 pattern (dims × columns)."""
     import torch

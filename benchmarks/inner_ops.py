@@ -1,0 +1,112 @@
+"""What an inner fine-tune costs in dispatched ops and time, per microbatch size: dpg's
+`fine_tune` (the naive reward's inner run, and the metagrad engine's training pass) against the
+plain SFT loop everyone writes, in the same process.
+
+    python benchmarks/inner_ops.py --shape smollm2-135m --device cuda --tf32 --examples 256 --seq-len 32 \\
+        --micro 32 64 128 [--out inner_ops.json]
+    python benchmarks/inner_ops.py --shape deep-overhead --device cpu --examples 256 --seq-len 24   # smoke
+
+Why: the naive reward of a paper run (4 inner fine-tunes of 256 completions of ~20-50 tokens
+a step, SmolLM2 target) took ~4 s a step on the H200 whatever the completions' length (session 14),
+which points at the host's cost per op rather than at arithmetic. Each row counts the aten op
+calls of one fine-tune under torch.profiler (on CUDA most of them launch a kernel) and times it
+(median of --reps after a warm-up), for dpg and for the plain loop (HF forward with labels,
+backward, torch's AdamW), at each --micro; ratios are dpg / plain at the same microbatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from metagrad_ratio import SHAPES, build, timed  # benchmarks/, the script's own folder
+from torch.profiler import ProfilerActivity, profile
+
+from dpg import Recipe, make_examples
+from dpg.metagrad.engine import fine_tune
+from dpg.metagrad.precision import tf32_matmuls
+
+
+def plain_loop(model: torch.nn.Module, ids: torch.Tensor, micro: int, device: torch.device):
+    """One AdamW step over `ids` in microbatches: the weights are put back after each call."""
+    params = list(model.parameters())
+
+    def run():
+        saved = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=5e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4,
+                                fused=device.type == "cuda")  # fmt: skip
+        chunks = ids.split(micro)
+        for mb in chunks:
+            (model(input_ids=mb, labels=mb).loss * len(mb) / len(ids)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+    return run
+
+
+def dpg_loop(model: torch.nn.Module, ids: torch.Tensor, micro: int, device: torch.device):
+    examples = make_examples(ids.cpu().tolist())
+    recipe = Recipe(optimizer="adamw", lr=5e-6, b2=0.95, eps_root=1e-9, weight_decay=1e-4, steps=1,
+                    microbatch_size=micro)  # fmt: skip
+    return lambda: fine_tune(model, examples, recipe, device=device)
+
+
+def op_calls(fn) -> int:
+    """aten op calls of one call of `fn` (views included, as the dispatcher sees them)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def measure(model, ids, micro, device, reps) -> dict:
+    row = {"micro": micro}
+    for name, make in (("plain", plain_loop), ("dpg", dpg_loop)):
+        fn = make(model, ids, micro, device)
+        row[f"{name}_seconds"] = timed(fn, device, reps)[0]
+        row[f"{name}_ops"] = op_calls(fn)
+    row["ops_ratio"] = row["dpg_ops"] / row["plain_ops"]
+    row["time_ratio"] = row["dpg_seconds"] / row["plain_seconds"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=SHAPES, default="smollm2-135m")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls for both loops (reward.tf32)")
+    ap.add_argument("--examples", type=int, default=256, help="examples of the fine-tune (a naive inner run: 256)")
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--micro", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    shape = SHAPES[args.shape]
+    model = build(shape, device)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape["vocab_size"], (args.examples, args.seq_len), generator=gen).to(device)
+    result = {"command": " ".join(["python", *sys.argv]), "shape": args.shape,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "tf32": args.tf32, "examples": args.examples, "seq_len": args.seq_len,
+              "reps": args.reps, "rows": []}  # fmt: skip
+    print(f"{result['device']}, shape {args.shape}, {args.examples} examples × {args.seq_len} tokens, tf32={args.tf32}")
+    heads = ("micro", 5), ("plain s", 8), ("dpg s", 8), ("time ×", 7), ("plain ops", 10), ("dpg ops", 10), ("ops ×", 6)
+    print(" ".join(f"{h:>{w}s}" for h, w in heads))
+    with tf32_matmuls(args.tf32):
+        for micro in args.micro:
+            row = measure(model, ids, micro, device, args.reps)
+            result["rows"].append(row)
+            print(f"{micro:5d} {row['plain_seconds']:8.3f} {row['dpg_seconds']:8.3f} {row['time_ratio']:7.2f} "
+                  f"{row['plain_ops']:10d} {row['dpg_ops']:10d} {row['ops_ratio']:6.2f}", flush=True)  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
