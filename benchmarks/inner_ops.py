@@ -21,32 +21,12 @@ import json
 import sys
 
 import torch
-from metagrad_ratio import SHAPES, build, timed  # benchmarks/, the script's own folder
+from metagrad_ratio import SHAPES, build, sft_steps, timed  # benchmarks/, the script's own folder
 from torch.profiler import ProfilerActivity, profile
 
 from dpg import Recipe, make_examples
 from dpg.metagrad.engine import fine_tune
 from dpg.metagrad.precision import tf32_matmuls
-
-
-def plain_loop(model: torch.nn.Module, ids: torch.Tensor, micro: int, device: torch.device):
-    """One AdamW step over `ids` in microbatches: the weights are put back after each call."""
-    params = list(model.parameters())
-
-    def run():
-        saved = [p.detach().clone() for p in params]
-        opt = torch.optim.AdamW(params, lr=5e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4,
-                                fused=device.type == "cuda")  # fmt: skip
-        chunks = ids.split(micro)
-        for mb in chunks:
-            (model(input_ids=mb, labels=mb).loss * len(mb) / len(ids)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-
-    return run
 
 
 def dpg_loop(model: torch.nn.Module, ids: torch.Tensor, micro: int, device: torch.device):
@@ -65,8 +45,7 @@ def op_calls(fn) -> int:
 
 def measure(model, ids, micro, device, reps) -> dict:
     row = {"micro": micro}
-    for name, make in (("plain", plain_loop), ("dpg", dpg_loop)):
-        fn = make(model, ids, micro, device)
+    for name, fn in (("plain", sft_steps(model, ids, micro, 1, device)), ("dpg", dpg_loop(model, ids, micro, device))):
         row[f"{name}_seconds"] = timed(fn, device, reps)[0]
         row[f"{name}_ops"] = op_calls(fn)
     row["ops_ratio"] = row["dpg_ops"] / row["plain_ops"]
