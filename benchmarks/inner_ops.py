@@ -9,7 +9,9 @@ plain SFT loop everyone writes, in the same process.
 Why: the naive reward of a paper run (4 inner fine-tunes of 256 completions of ~20-50 tokens
 a step, SmolLM2 target) took ~4 s a step on the H200 whatever the completions' length (session 14),
 which points at the host's cost per op rather than at arithmetic. Each row counts the aten op
-calls of one fine-tune under torch.profiler (on CUDA most of them launch a kernel) and times it
+calls of one fine-tune under torch.profiler (views, reshapes and other metadata ops among them,
+which launch no kernel on CUDA: the count bounds the kernels launched from above and grows
+with the passes as they do) and times it
 (median of --reps after a warm-up), for dpg and for the plain loop (HF forward with labels,
 backward, torch's AdamW), at each --micro; ratios are dpg / plain at the same microbatch.
 """
