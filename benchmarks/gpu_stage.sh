@@ -46,7 +46,9 @@ rm -rf .gpu && mkdir -p .gpu
 tar czf .gpu/shared.tar.gz -C "$staged" .  # compressed: the corpora shrink ~3x (gpu_setup.sh unpacks it)
 rm -rf "$staged"
 du -sh .whl .carry_a .carry_b .carry_c .gpu
-total=$(du -scm .whl .carry_b .gpu | tail -1 | cut -f1)
-tree=$(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1)
-echo "call 3 carries ~$((total + tree)) MB (.whl + .carry_b + .gpu + the working tree; the limit is 64 MiB)"
-[ $((total + tree)) -lt 64 ] || echo "too much for one call: stage fewer demonstrations at a time"
+# in bytes: du -m rounds every file up to a MiB, and the tree's ~300 small files then read as ~30 MiB too many
+total=$(du -scb .whl .carry_b .gpu | tail -1 | cut -f1)
+tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+mib=$(((total + tree) / 1048576))
+echo "call 3 carries ~$mib MiB (.whl + .carry_b + .gpu + the working tree; the limit is 64 MiB)"
+[ $((total + tree)) -lt $((64 * 1048576)) ] || echo "too much for one call: stage fewer demonstrations at a time"

@@ -166,6 +166,7 @@ def demo_repo(tmp_path: Path) -> tuple[Path, dict, Path]:
     for name in ("gpu_demo.sh", "paper_results.py", "carry_run.py"):  # copies: results go beside them
         shutil.copy(root / "benchmarks" / name, repo / "benchmarks" / name)
     (repo / "configs").symlink_to(root / "configs")
+    (tmp_path / "shared").symlink_to(root.parent / "shared")  # ../shared beside the repo, as on the device
     rows = [r for r in shared.read_text().splitlines() if len(r) < 200][:80]
     (tmp_path / "short.tsv").write_text("\n".join(rows) + "\n")
     tiny = [
@@ -222,6 +223,22 @@ def test_gpu_demo_trains_in_pieces_resumes_and_files_the_results(tmp_path):
     assert "benchmarks/results/paper/67.curves.png" in packed
     assert {"runs/paper/67.log", "runs/paper/67-naive.log"} <= packed
     assert not (repo / "benchmarks" / "results").exists()
+
+
+def test_gpu_demo_stops_at_once_when_a_file_the_config_reads_is_missing(tmp_path):
+    """A ../shared file the config names (not staged into .gpu for this demonstration) stops
+    gpu_demo.sh before any run starts, naming the file and the staging command."""
+    import subprocess
+
+    repo, env, results = demo_repo(tmp_path)
+    (tmp_path / "shared").unlink()
+    (tmp_path / "shared" / "data").mkdir(parents=True)  # a .gpu staged for other demonstrations
+    done = subprocess.run(["bash", "benchmarks/gpu_demo.sh", "spanish", "naive"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "reads ../shared/data/fortunes_es.txt, which is missing" in done.stdout
+    assert "gpu_stage.sh spanish" in done.stdout
+    assert not (repo / "runs").exists()  # no run started
 
 
 def test_gpu_demo_carries_a_run_to_a_fresh_machine(tmp_path):
@@ -360,6 +377,9 @@ def test_update_variants_times_each_variant_against_the_baseline(tmp_path):
     hotter = runs["grpo.temperature=0.5"]
     assert hotter["same_step1_batch"] is False and hotter["step1_relative_difference"] is None
     assert hotter["step1_batch"]["raw_mean"] != base["step1_batch"]["raw_mean"]
+    moved = abs(hotter["step1_batch"]["raw_mean"] - base["step1_batch"]["raw_mean"]) / base["step1_batch"]["raw_std"]
+    assert hotter["step1_reward_shift"] == pytest.approx(moved) and passes["step1_reward_shift"] < 1e-4
+    assert "grpo.temperature=0.5: " in done.stdout and "step 1 not comparable" in done.stdout
 
 
 def test_update_variants_same_batch_by_hand():
