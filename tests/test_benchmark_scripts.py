@@ -106,10 +106,11 @@ def test_metagrad_ratio_runs_every_case_on_the_tiny_shape(tmp_path):
 
 
 def test_inner_ops_counts_dpg_fine_tune_against_the_plain_loop(tmp_path):
-    """dpg's inner fine-tune dispatches about the ops of the plain SFT loop at each microbatch,
-    and far fewer at 4 times the microbatch, on the tiny GPT-2 (the counts are the profiler's,
-    so a path that grew per-op overhead, or a microbatch setting that stopped taking effect,
-    shows here)."""
+    """dpg's inner fine-tune dispatches no more ops than the plain SFT loop at each microbatch
+    (fewer since its optimizer packs parameters, optim.map_params: 0.6-0.7 of the plain loop's,
+    whose CPU AdamW goes parameter by parameter), and far fewer at 4 times the microbatch, on
+    the tiny GPT-2 (the counts are the profiler's, so a path that grew per-op overhead, or a
+    microbatch setting that stopped taking effect, shows here)."""
     import subprocess
     import sys
 
@@ -119,7 +120,7 @@ def test_inner_ops_counts_dpg_fine_tune_against_the_plain_loop(tmp_path):
             "--micro", "4", "16", "--reps", "1", "--out", str(out)]  # fmt: skip
     subprocess.run(args, check=True, capture_output=True, timeout=300)
     rows = {r["micro"]: r for r in json.loads(out.read_text())["rows"]}
-    assert all(0.8 < r["ops_ratio"] < 1.25 and r["dpg_seconds"] > 0 for r in rows.values())
+    assert all(0.4 < r["ops_ratio"] < 1.1 and r["dpg_seconds"] > 0 for r in rows.values())
     for name in ("plain_ops", "dpg_ops"):  # 8 microbatches against 2; the optimizer step is the same
         assert 2.0 < rows[4][name] / rows[16][name] < 4.2
 

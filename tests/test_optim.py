@@ -102,3 +102,66 @@ def test_adamw_adjoint_is_finite_where_v_is_zero():
     eps = opt.eps
     expected = -opt.lr * eps / (grads["a"].abs() + eps) ** 2
     torch.testing.assert_close(adj_g["a"], expected, rtol=1e-6, atol=0)
+
+
+def one_by_one(fn, rows):
+    """The reference: `fn` on each parameter's own tensors (in CHUNK pieces), as before packing."""
+    return [optim.map_chunks(fn, *row) for row in rows]
+
+
+def test_map_params_packs_parameters_and_gives_each_parameters_numbers_bit_for_bit(monkeypatch):
+    """Packed groups (CHUNK shrunk to 64 elements, so rows group, fill groups and split into
+    chunks; odd sizes shift every row's place in the vector lanes), mixed None patterns and
+    dtypes: every output equals `fn` on that parameter alone, bit for bit, in a new tensor."""
+    monkeypatch.setattr(optim, "CHUNK", 64)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (64,), (2, 40), (1,), (5, 5), (150,), (4,)]
+    rows = []
+    for i, s in enumerate(shapes):
+        dtype = torch.float32 if i % 3 == 0 else torch.float64
+        x, y = (torch.randn(s, generator=g, dtype=dtype) for _ in range(2))
+        rows.append((x, y, None if i % 2 else torch.rand(s, generator=g, dtype=dtype)))
+
+    def fn(a, b, c):  # an input returned as it is, a None output, and Adam-like arithmetic
+        d = torch.sqrt(b * b + 1e-9) + 1e-8
+        return a, (a / d if c is None else torch.lerp(a, c, 0.9) / d), None
+
+    packed, reference = optim.map_params(fn, rows), one_by_one(fn, rows)
+    for row, got, want in zip(rows, packed, reference):
+        assert got[2] is None
+        for x, y in zip(got[:2], want[:2]):
+            assert x.shape == row[0].shape and x.dtype == row[0].dtype and torch.equal(x, y)
+        assert got[0].data_ptr() != row[0].data_ptr()  # never the caller's own tensor
+    groups = optim._packed(rows)
+    assert sorted(i for grp in groups for i in grp) == list(range(len(rows)))
+    for grp in groups:
+        keys = {(rows[i][0].dtype, rows[i][2] is None) for i in grp}
+        assert len(keys) == 1 and (len(grp) == 1 or sum(rows[i][0].numel() for i in grp) <= 64)
+    # by hand: 7 + 25 + 4 share a group; a full group (64) and rows over 64 (chunked) stand alone
+    assert groups == [[0], [1, 5, 7], [2], [3], [4], [6]]
+
+
+def test_update_makes_far_fewer_op_calls_than_one_parameter_at_a_time():
+    """What packing is for: an AdamW update of 60 small parameters (a 30-layer model's norms and
+    biases) dispatches a fraction of the computing op calls (each a kernel launch on a GPU) of
+    60 one-parameter updates, with the same numbers bit for bit. Views (reshape, split) are
+    left out: per-row metadata, no kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = random_params(shapes=[(64,)] * 60)
+    grads = {k: torch.randn_like(p) for k, p in params.items()}
+    opt = optim.AdamW(lr=1e-3, b2=0.95, eps_root=1e-9, weight_decay=1e-4)
+    state = optim.step(opt, params, optim.init(opt, params), grads)[1]  # a second step: m and v in play
+
+    def calls(fn):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = fn()
+        views = {"aten::view", "aten::reshape", "aten::as_strided", "aten::split_with_sizes", "aten::_reshape_alias"}
+        return out, sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in views)
+
+    packed, n_packed = calls(lambda: optim.step(opt, params, state, grads)[0])
+    alone, n_alone = calls(lambda: {k: optim.step(opt, {k: p}, optim.AdamState(1, {k: state.m[k]}, {k: state.v[k]}),
+                                                  grads)[0][k] for k, p in params.items()})  # fmt: skip
+    for k in params:
+        assert torch.equal(packed[k], alone[k])
+    assert n_packed * 20 < n_alone, (n_packed, n_alone)

@@ -11,9 +11,10 @@ The estimate counts what the engine holds at its peak (metagrad/engine.py):
   - parameter copies: M = 1 AdamW holds g, θ_1 and then λ = ∇Φ and γ (3 copies at most;
     the first step's moments are recomputed from g); M > 1 keeps θ_{t−1}, g_t, m_t, v_t of
     every step for the reverse sweep (4M − 3) plus about 6 working copies;
-  - the optimizer's elementwise temporaries: it works in flat chunks of at most 2M elements
-    (optim.CHUNK), and its adjoint holds up to ~10 chunk-sized temporaries at once — 160 MB
-    in fp64, whatever the model's size, which on a small model is more than its copies;
+  - the optimizer's elementwise temporaries: it works in flat groups of parameters, or chunks
+    of one, of at most 2M elements (optim.CHUNK), and its adjoint holds up to ~16 chunk-sized
+    temporaries at once (its inputs' flat copies among them) — 256 MB in fp64, whatever the
+    model's size, which on a small model is more than its copies;
   - activations of one microbatch: the trunk's saved activations and the (tokens ×
     vocabulary) logits, the softmax and their gradient — with a 262k-token vocabulary
     these dominate as soon as a microbatch holds a few thousand tokens;
@@ -49,7 +50,6 @@ class ModelShape(NamedTuple):
     intermediate: int  # width of the MLP
     heads: int  # attention heads
     scores: bool = True  # attention keeps its (heads × length²) scores for backward (eager); SDPA and flash do not
-    largest: int = 0  # elements of the largest trainable parameter (0: unknown, taken as all trainable)
     kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as `heads`
     head_dim: int = 0  # width of one head; 0: hidden // heads
 
@@ -93,7 +93,6 @@ def model_shape(model) -> ModelShape:
         intermediate=get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
         heads=get("num_attention_heads", "n_head", default=1),
         scores=getattr(config, "_attn_implementation", None) in (None, "eager"),
-        largest=max((p.numel() for p in unique if p.requires_grad), default=0),
         kv_heads=get("num_key_value_heads"),  # 0 where the config has none: as many as the heads
         head_dim=get("head_dim"),  # 0 where the config has none: hidden // heads
     )
@@ -110,10 +109,11 @@ def chunk_temporaries(steps: int, optimizer: str) -> int:
     """Chunk-sized temporaries of the optimizer's elementwise work at its peak, beyond its
     outputs (measured on one 2M-element parameter: AdamW's adjoint holds 8 with the first
     step's recomputed moments, 10 when it also returns the older state's adjoints; SGD's
-    update 3)."""
+    update 3), plus the flat copies of its inputs that optim.map_params packs small parameters
+    into (2 for SGD's and the M = 1 adjoint's g and adjoint, 6 for the M > 1 adjoint's)."""
     if optimizer == "sgd":
-        return 3
-    return 8 if steps == 1 else 10
+        return 3 + 2
+    return 8 + 2 if steps == 1 else 10 + 6
 
 
 def activation_bytes(
@@ -150,7 +150,7 @@ def engine_parts(
     if host_store and steps > 1:
         copies = min(copies, 7)
     parts = {"parameter copies": copies * shape.trainable * nbytes}
-    chunk = min(shape.largest or shape.trainable, CHUNK)
+    chunk = min(shape.trainable, CHUNK)  # map_params packs parameters into groups of up to CHUNK elements
     parts["optimizer's working chunks"] = chunk_temporaries(steps, optimizer) * chunk * nbytes
     if copied:
         parts["engine's model copy"] = shape.params * nbytes

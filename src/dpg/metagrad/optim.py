@@ -85,6 +85,50 @@ def map_chunks(fn, *xs: Tensor | None) -> list[Tensor | None]:
     return [None if out is None else out.view(ref.shape) for out in outs]
 
 
+def map_params(fn, rows: list[tuple[Tensor | None, ...]]) -> list[list[Tensor | None]]:
+    """`fn` over many parameters at once: one row per parameter (its aligned inputs, tensors of
+    its shape or None), each row's outputs in new tensors of that shape. Rows that share dtype,
+    device and which inputs are None are packed, in order, into flat groups of at most CHUNK
+    elements, so each op of `fn` runs once a group rather than once a parameter: SmolLM2's 272
+    parameters take ~70 groups, and an update's ~15k op calls (3-6 µs of host time each on a
+    GPU, which waits on them) fall ~10-fold. A row larger than CHUNK runs alone, in chunks
+    (map_chunks). The same numbers as `fn` on each row: every operation in it is elementwise."""
+    outs: list[list[Tensor | None] | None] = [None] * len(rows)
+    for group in _packed(rows):
+        if len(group) == 1 and _ref(rows[group[0]]).numel() > CHUNK:
+            outs[group[0]] = map_chunks(fn, *rows[group[0]])
+            continue
+        first = rows[group[0]]
+        flat = [None if x is None else torch.cat([rows[i][j].reshape(-1) for i in group]) for j, x in enumerate(first)]
+        sizes = [_ref(rows[i]).numel() for i in group]
+        pieces = [None if r is None else r.split(sizes) for r in fn(*flat)]  # cat made new tensors: no aliasing
+        for n, i in enumerate(group):
+            shape = _ref(rows[i]).shape
+            outs[i] = [None if p is None else p[n].view(shape) for p in pieces]
+    return outs
+
+
+def _ref(row: tuple[Tensor | None, ...]) -> Tensor:
+    return next(x for x in row if x is not None)
+
+
+def _packed(rows: list[tuple[Tensor | None, ...]]) -> list[list[int]]:
+    """Row indices in groups of one dtype, device and None pattern, at most CHUNK elements each
+    (a larger row alone), in the rows' order: the same rows always pack the same way."""
+    groups: list[list[int]] = []
+    open_group: dict[tuple, tuple[list[int], int]] = {}  # key -> (the group being filled, its elements)
+    for i, row in enumerate(rows):
+        ref = _ref(row)
+        key, n = (ref.dtype, ref.device, tuple(x is None for x in row)), ref.numel()
+        members, size = open_group.get(key, (None, 0))
+        if members is None or size + n > CHUNK:
+            members, size = [], 0
+            groups.append(members)
+        members.append(i)
+        open_group[key] = (members, size + n)
+    return groups
+
+
 def _moments(opt: AdamW, g: Tensor, m: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor]:
     """m' = b1·m + (1−b1)·g, v' = b2·v + (1−b2)·g²; None is a zero moment (a fresh state)."""
     m = g * (1.0 - opt.b1) if m is None else torch.lerp(g, m, opt.b1)
@@ -101,7 +145,8 @@ def step(
         def sgd(p, g):
             return (p - opt.lr * (g + opt.weight_decay * p),)
 
-        return {k: map_chunks(sgd, p, grads[k])[0] for k, p in params.items()}, None
+        outs = map_params(sgd, [(p, grads[k]) for k, p in params.items()])
+        return {k: out[0] for k, out in zip(params, outs)}, None
     t = state.count + 1
     c1, c2 = 1.0 / (1.0 - opt.b1**t), 1.0 / (1.0 - opt.b2**t)
 
@@ -112,12 +157,11 @@ def step(
             u = u + opt.weight_decay * p
         return p - opt.lr * u, m if keep_state else None, v if keep_state else None
 
-    new_p, new_m, new_v = {}, {}, {}
-    for k, p in params.items():
-        new_p[k], m, v = map_chunks(adam, p, grads[k], state.m.get(k), state.v.get(k))
-        if keep_state:
-            new_m[k], new_v[k] = m, v
-    return new_p, AdamState(t, new_m, new_v) if keep_state else None
+    outs = map_params(adam, [(p, grads[k], state.m.get(k), state.v.get(k)) for k, p in params.items()])
+    new_p = {k: out[0] for k, out in zip(params, outs)}
+    if not keep_state:
+        return new_p, None
+    return new_p, AdamState(t, {k: out[1] for k, out in zip(params, outs)}, {k: out[2] for k, out in zip(params, outs)})
 
 
 def step_adjoint(
@@ -152,10 +196,11 @@ def step_adjoint(
     adjoint = functools.partial(_adam_adjoint, opt, c1, c2, upstream)
 
     adj_g, adj_p, adj_m, adj_v = {}, {}, {}, {}
-    for k in set(adj_params) | set(adj_state.m) | set(adj_state.v):
-        moments = (state_after.m.get(k), state_after.v.get(k))
-        ins = (grads[k], *moments, adj_params.get(k), adj_state.m.get(k), adj_state.v.get(k))
-        for out, x in zip((adj_g, adj_p, adj_m, adj_v), map_chunks(adjoint, *ins)):
+    names = list(dict.fromkeys([*adj_params, *adj_state.m, *adj_state.v]))  # a fixed order: a fixed packing
+    rows = [(grads[k], state_after.m.get(k), state_after.v.get(k), adj_params.get(k), adj_state.m.get(k),
+             adj_state.v.get(k)) for k in names]  # fmt: skip
+    for k, outs in zip(names, map_params(adjoint, rows)):
+        for out, x in zip((adj_g, adj_p, adj_m, adj_v), outs):
             if x is not None:
                 out[k] = x
     return adj_g, adj_p, AdamAdjoint(adj_m, adj_v)
