@@ -39,17 +39,27 @@ SPLIT = ("generation", "reward", "update", "step")
 BATCH = ("trl/completions/mean_length", "target_tokens", "raw_mean", "raw_std")  # step 1's batch, in brief
 
 
+def same_lengths(base: dict, run: dict) -> bool:
+    """Whether step 1's completions had the baseline's mean length and target tokens."""
+    b, r = base["step1_batch"], run["step1_batch"]
+    return all(b[k] == r[k] for k in ("trl/completions/mean_length", "target_tokens"))
+
+
+def reward_shift(base: dict, run: dict) -> float | None:
+    """How far step 1's rewards' mean moved from the baseline's, in units of their spread
+    (None: a reward that records no mean, the baselines': levenshtein, ...)."""
+    b, r = base["step1_batch"], run["step1_batch"]
+    if b["raw_mean"] is None or r["raw_mean"] is None:
+        return None
+    return abs(b["raw_mean"] - r["raw_mean"]) / max(b["raw_std"], 1e-30)
+
+
 def same_batch(base: dict, run: dict) -> bool:
     """Whether step 1 trained on the baseline's batch: the same mean lengths, and rewards whose
     mean agrees to 1e-4 of their spread (rounding, not another draw: a new batch of n moves the
-    mean by ~spread/√n). Rewards that record no mean (the baselines': levenshtein, ...) leave
-    the lengths alone to tell."""
-    b, r = base["step1_batch"], run["step1_batch"]
-    if b["trl/completions/mean_length"] != r["trl/completions/mean_length"] or b["target_tokens"] != r["target_tokens"]:
-        return False
-    if b["raw_mean"] is None or r["raw_mean"] is None:
-        return True
-    return abs(b["raw_mean"] - r["raw_mean"]) <= 1e-4 * max(b["raw_std"], 1e-30)
+    mean by ~spread/√n). Rewards that record no mean leave the lengths alone to tell."""
+    shift = reward_shift(base, run)
+    return same_lengths(base, run) and (shift is None or shift <= 1e-4)
 
 
 def train(config: str, overrides: list[str], steps: int, out_dir: Path) -> list[dict]:
@@ -83,9 +93,7 @@ def compare(base: dict, run: dict) -> dict:
     """A variant against the baseline: time ratios, and step 1's relative differences (None
     where step 1's batch was not the baseline's)."""
     ratio = {k: run["median_s"][k] / base["median_s"][k] for k in SPLIT}
-    b, r = base["step1_batch"], run["step1_batch"]
-    shift = None if None in (b["raw_mean"], r["raw_mean"], b["raw_std"]) else abs(b["raw_mean"] - r["raw_mean"]) / max(
-        b["raw_std"], 1e-30)  # fmt: skip
+    shift = reward_shift(base, run)
     if not same_batch(base, run):
         return {"ratio_to_baseline": ratio, "step1_relative_difference": None, "same_step1_batch": False,
                 "step1_reward_shift": shift}  # fmt: skip
@@ -102,9 +110,9 @@ def not_comparable(base: dict, run: dict) -> str:
     moved past rounding's 1e-4 of their spread, which is either another draw of equal lengths or a
     variant that changes the reward's own arithmetic (session 15: recipe.microbatch_size 32 -> 128
     moved the naive L2 rewards' mean by 4.9e-4 of their spread on the same completions)."""
-    if run["step1_batch"]["trl/completions/mean_length"] != base["step1_batch"]["trl/completions/mean_length"]:
+    if not same_lengths(base, run):
         return "step 1 not comparable: another batch (other completion lengths: the variant changed generation)"
-    return (f"step 1 not comparable: the baseline's lengths, rewards' mean moved {run['step1_reward_shift']:.1e} "
+    return (f"step 1 not comparable: the baseline's lengths, rewards' mean moved {reward_shift(base, run):.1e} "
             "of their spread (another draw, or a variant that changes the reward's rounding)")  # fmt: skip
 
 

@@ -394,6 +394,9 @@ def test_update_variants_same_batch_by_hand():
     assert not same_batch(run(), run(target_tokens=52.5))
     assert same_batch(run(raw_mean=None, raw_std=None), run(raw_mean=None, raw_std=None))
     assert not same_batch(run(raw_mean=None, raw_std=None), run(raw_mean=None, raw_std=None, target_tokens=None))
+    # why not: other target tokens with rewards that record no mean are another batch, not a shift of None
+    not_comparable = load_script("update_variants").not_comparable
+    assert "another batch" in not_comparable(run(raw_mean=None, raw_std=None), run(raw_mean=None, target_tokens=9.0))
 
 
 def test_update_profile_counts_each_kernel_once():
