@@ -41,28 +41,26 @@ from dpg.metagrad import optim
 from dpg.metagrad.target import losses_and_hidden, make_microbatch, prepared
 from dpg.metrics import PatternMetric, build_metric
 from dpg.models import load
+from dpg.runtime import resolve_dtype
 
 
-def read_sets(paths: list[str]) -> dict[str, list[str]]:
-    """name -> samples, one per row of each transfer-check file ("STEM:GENERATOR"), the same
-    samples kept once under their first name."""
-    sets: dict[str, list[str]] = {}
-    for path in paths:
-        for row in json.loads(Path(path).read_text()):
-            if row["samples"] not in sets.values():
-                stem = Path(path).name.removesuffix(".json").removesuffix(".evaluate")
-                sets[f"{stem}:{row['generator']}@{row['seed']}"] = row["samples"]
-    return sets
-
-
-def recorded(paths: list[str]) -> dict[str, dict]:
-    """What each file's check printed, by the names read_sets gives."""
-    out = {}
+def read_rows(paths: list[str]) -> dict[str, dict]:
+    """Every row of every transfer-check file, by name: "STEM:GENERATOR@SEED"."""
+    rows = {}
     for path in paths:
         stem = Path(path).name.removesuffix(".json").removesuffix(".evaluate")
         for row in json.loads(Path(path).read_text()):
-            out[f"{stem}:{row['generator']}@{row['seed']}"] = {"phi": row["metric"], **row["proxy"]}
-    return out
+            rows[f"{stem}:{row['generator']}@{row['seed']}"] = row
+    return rows
+
+
+def read_sets(rows: dict[str, dict]) -> dict[str, list[str]]:
+    """name -> samples, the same samples kept once under their first name."""
+    sets: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        if row["samples"] not in sets.values():
+            sets[name] = row["samples"]
+    return sets
 
 
 def block_grads(cfg: TrainConfig, model, tokenizer, metric: PatternMetric, samples: list[str]) -> torch.Tensor:
@@ -71,7 +69,7 @@ def block_grads(cfg: TrainConfig, model, tokenizer, metric: PatternMetric, sampl
     h, w = metric.pattern.shape
     rows = slice(metric.vocab_offset, metric.vocab_offset + w)
     cols = slice(metric.hidden_offset, metric.hidden_offset + h)
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    dtype = resolve_dtype(cfg.dtype)
     out = torch.empty(len(samples), w, h, dtype=dtype)
     with prepared(model, dtype, torch.device("cpu")) as target:
         if metric.head not in target.params:
@@ -151,7 +149,8 @@ def main() -> None:
     if not isinstance(metric, PatternMetric):
         raise SystemExit(f"needs a pattern metric: metric.name is {cfg.metric.name}")
     prompts = len(load_prompts(cfg.prompts)[1])
-    sets, before, grads = read_sets(args.files), recorded(args.files), {}
+    rows, grads = read_rows(args.files), {}
+    sets, before = read_sets(rows), {n: {"phi": r["metric"], **r["proxy"]} for n, r in rows.items()}
     for name, samples in sets.items():
         start = time.perf_counter()
         grads[name] = block_grads(cfg, model, tokenizer, metric, samples)

@@ -93,16 +93,13 @@ def compare(base: dict, run: dict) -> dict:
     """A variant against the baseline: time ratios, and step 1's relative differences (None
     where step 1's batch was not the baseline's)."""
     ratio = {k: run["median_s"][k] / base["median_s"][k] for k in SPLIT}
-    shift = reward_shift(base, run)
-    if not same_batch(base, run):
-        return {"ratio_to_baseline": ratio, "step1_relative_difference": None, "same_step1_batch": False,
-                "step1_reward_shift": shift}  # fmt: skip
-    rel = {}
-    for k, b in base["step1"].items():
-        v = run["step1"][k]
-        rel[k] = None if b is None or v is None else abs(v - b) / max(abs(b), 1e-30)
-    return {"ratio_to_baseline": ratio, "step1_relative_difference": rel, "same_step1_batch": True,
-            "step1_reward_shift": shift}  # fmt: skip
+    same = same_batch(base, run)
+    rel = None
+    if same:
+        rel = {k: None if b is None or run["step1"][k] is None else abs(run["step1"][k] - b) / max(abs(b), 1e-30)
+               for k, b in base["step1"].items()}  # fmt: skip
+    return {"ratio_to_baseline": ratio, "step1_relative_difference": rel, "same_step1_batch": same,
+            "step1_reward_shift": reward_shift(base, run)}  # fmt: skip
 
 
 def not_comparable(base: dict, run: dict) -> str:

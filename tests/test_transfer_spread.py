@@ -85,7 +85,7 @@ def test_sets_are_read_once_and_a_pair_is_signed(tmp_path):
     other = base | {"generator": "trained", "metric": -0.5, "samples": ["c", "d"]}
     (tmp_path / "x.evaluate.json").write_text(json.dumps([base, other]))
     (tmp_path / "x-naive.evaluate.json").write_text(json.dumps([base, other | {"samples": ["e", "f"]}]))
-    sets = ts.read_sets([str(tmp_path / "x.evaluate.json"), str(tmp_path / "x-naive.evaluate.json")])
+    sets = ts.read_sets(ts.read_rows([str(tmp_path / "x.evaluate.json"), str(tmp_path / "x-naive.evaluate.json")]))
     assert list(sets) == ["x:base@0", "x:trained@0", "x-naive:trained@0"]
     spread = ts.spread(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
     assert spread["mean"] == 2.5 and spread["ci95"][0] == pytest.approx(1.075)
