@@ -49,8 +49,8 @@ def measure(model, ids, micro, device, reps, count_ops=True) -> dict:
     row = {"micro": micro}
     for name, fn in (("plain", sft_steps(model, ids, micro, 1, device)), ("dpg", dpg_loop(model, ids, micro, device))):
         row[f"{name}_seconds"] = timed(fn, device, reps)[0]
-        row[f"{name}_ops"] = op_calls(fn) if count_ops else 0  # 0: not counted (--no-ops)
-    row["ops_ratio"] = row["dpg_ops"] / row["plain_ops"] if count_ops else float("nan")
+        row[f"{name}_ops"] = op_calls(fn) if count_ops else None  # None (JSON null): not counted (--no-ops)
+    row["ops_ratio"] = row["dpg_ops"] / row["plain_ops"] if count_ops else None
     row["time_ratio"] = row["dpg_seconds"] / row["plain_seconds"]
     return row
 
@@ -83,8 +83,10 @@ def main() -> None:
         for micro in args.micro:
             row = measure(model, ids, micro, device, args.reps, count_ops=not args.no_ops)
             result["rows"].append(row)
-            print(f"{micro:5d} {row['plain_seconds']:8.3f} {row['dpg_seconds']:8.3f} {row['time_ratio']:7.2f} "
-                  f"{row['plain_ops']:10d} {row['dpg_ops']:10d} {row['ops_ratio']:6.2f}", flush=True)  # fmt: skip
+            ops = (f"{row['plain_ops']:10d} {row['dpg_ops']:10d} {row['ops_ratio']:6.2f}" if row["ops_ratio"]
+                   else f"{'-':>10s} {'-':>10s} {'-':>6s}")  # fmt: skip
+            print(f"{micro:5d} {row['plain_seconds']:8.3f} {row['dpg_seconds']:8.3f} {row['time_ratio']:7.2f} {ops}",
+                  flush=True)  # fmt: skip
             if args.out:  # after every row: a call cut short keeps the rows it measured
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
