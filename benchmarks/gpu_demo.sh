@@ -35,10 +35,13 @@ fi
 # SmolLM2, brought back with `carry_run.py batch DIR $OUT N`, N = 0, 1, ...), and CARRY_IN=DIR
 # rebuilds a run from its parts there before it starts, so it resumes where it stopped.
 [ "${SETUP:-1}" = 0 ] || source benchmarks/gpu_setup.sh || exit 1
-# The files the config reads under ../shared, before any run starts (session 15 lost a device call's
-# Spanish run to a .gpu staged for other demonstrations: its `dpg train` failed at once, unseen for 9 minutes)
+# The files the config and EXTRA read under ../shared, before any run starts (session 15 lost a device
+# call's Spanish run to a .gpu staged for other demonstrations: its `dpg train` failed at once, unseen for 9 minutes)
 for path in $(grep -v '^ *#' "$cfg" | grep -o '\.\./shared/[^ ,}]*' | sort -u); do
   [ -e "$path" ] || { echo "$cfg reads $path, which is missing: stage it (bash benchmarks/gpu_stage.sh $demo)"; exit 2; }
+done
+for path in $(echo "${EXTRA:-}" | grep -o '\.\./shared/[^ ,}]*' | sort -u); do
+  [ -e "$path" ] || { echo "EXTRA reads $path, which is missing: stage it (bash benchmarks/gpu_stage.sh $demo $path)"; exit 2; }
 done
 piece=${PIECE_MIN:-6.5}  # minutes of training a run and call (time_limit); the rest: loading, transfer check
 out=${OUT:-/tmp/out}; mkdir -p "$out" && out=$(cd "$out" && pwd)

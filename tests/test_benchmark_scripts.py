@@ -242,6 +242,24 @@ def test_gpu_demo_stops_at_once_when_a_file_the_config_reads_is_missing(tmp_path
     assert not (repo / "runs").exists()  # no run started
 
 
+def test_gpu_demo_stops_at_once_when_a_file_extra_reads_is_missing(tmp_path):
+    """The same for a ../shared path that only an override in EXTRA names (the random GPT-2's
+    tokenizer, say): the message names it and the staging command that adds it."""
+    import subprocess
+
+    repo, env, results = demo_repo(tmp_path)
+    (tmp_path / "shared").unlink()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "lohelp_en_de.tsv").write_text("a\tb\n")  # what 67.yaml reads: staged
+    env = {**env, "EXTRA": "target.model=gpt2-faithful target.tokenizer=../shared/tokenizers/gpt2"}
+    done = subprocess.run(["bash", "benchmarks/gpu_demo.sh", "67", "metagrad"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "EXTRA reads ../shared/tokenizers/gpt2, which is missing" in done.stdout
+    assert "gpu_stage.sh 67 ../shared/tokenizers/gpt2" in done.stdout
+    assert not (repo / "runs").exists()
+
+
 def test_gpu_demo_carries_a_run_to_a_fresh_machine(tmp_path):
     """CARRY_OUT packs the stopped run; on a machine that has only those parts (runs/ gone),
     CARRY_IN rebuilds it and the run resumes at step 2 instead of starting over."""
