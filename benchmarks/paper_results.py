@@ -4,11 +4,14 @@ brings back: benchmarks/results/paper/NAME.evaluate.json (transfer check, rows `
 (67, qr, l2, german, spanish, uuid) or NAME-REWARD for its naive run and baselines.
 
     python benchmarks/paper_results.py [DEMO ...]     # default: every demonstration with results
+    python benchmarks/paper_results.py 67_gpt2 67_gpt2_batch --overlay 67_gpt2_scale_rewards   # one figure
 
 Prints one markdown table a demonstration (base generator, then each run's trained generator:
 Φ and the proxy and text figures of its transfer check, the mean over its seeds and their range)
 and writes DEMO.curves.png: Φ (or the reward), proxy, policy entropy and distinct-completion
-share against generated examples, every run of the demonstration overlaid.
+share against generated examples, every run of the demonstration overlaid. With --overlay NAME,
+the runs of all the named demonstrations (variants: DEMO_TAG) go on one figure, NAME.curves.png,
+each labelled with its demonstration.
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ def table(demo: str) -> str:
     return figures_table(demo, rows, phi_least=6) if rows else f"{demo}: no transfer check has come back yet"
 
 
-def curves(demo: str) -> Path | None:
-    """DEMO.curves.png from each run's metrics.jsonl, or, for a run whose metrics file was lost,
-    from the console lines of its NAME.log (their printed digits)."""
+def training_rows(demo: str) -> dict[str, list[dict[str, float]]]:
+    """Each run's per-step rows: from its metrics.jsonl, or, for a run whose metrics file was
+    lost, from the console lines of its NAME.log (their printed digits)."""
     runs = {}
     for run in RUNS:
         stem = stem_of(demo, run)
@@ -84,11 +87,22 @@ def curves(demo: str) -> Path | None:
             runs[run] = read_rows(RESULTS / f"{stem}.metrics.jsonl", partial_ok=True)
         elif (RESULTS / f"{stem}.log").exists():
             runs[f"{run} (from its log)"] = rows_from_console((RESULTS / f"{stem}.log").read_text(), batch(demo))
-    runs = {run: rows for run, rows in runs.items() if rows}
+    return {run: rows for run, rows in runs.items() if rows}
+
+
+def curves(demos: str | list[str], name: str | None = None) -> Path | None:
+    """NAME.curves.png (default: the one demonstration's name) with every run of `demos`; with
+    several demonstrations each run's label starts with its demonstration's."""
+    demos = [demos] if isinstance(demos, str) else demos
+    runs = {}
+    for demo in demos:
+        for run, rows in training_rows(demo).items():
+            runs[run if len(demos) == 1 else f"{demo} {run}"] = rows
     if not runs:
         return None
-    path = RESULTS / f"{demo}.curves.png"
-    plot_runs(runs, path, title=f'"{demo}": during training, against generated examples')
+    name = name or demos[0]
+    path = RESULTS / f"{name}.curves.png"
+    plot_runs(runs, path, title=f'"{name}": during training, against generated examples')
     return path
 
 
@@ -103,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demos", nargs="*", help="demonstrations (default: all with results)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of the result files (and the curves)")
+    parser.add_argument("--overlay", metavar="NAME", help="also draw the named demonstrations' runs on one figure")
     args = parser.parse_args()
     RESULTS = args.results
     demos = args.demos or sorted(
@@ -114,6 +129,8 @@ def main() -> None:
         path = curves(demo)
         if path:
             print(f"curves: {path}\n")
+    if args.overlay and (path := curves(demos, args.overlay)):
+        print(f"curves, overlaid: {path}")
 
 
 if __name__ == "__main__":

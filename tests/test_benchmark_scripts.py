@@ -67,6 +67,22 @@ def test_paper_results_table_lists_a_checkpoint_row(tmp_path, monkeypatch):
     assert lines[2:] == ["| base | 1 | -4.5 | 4.5 | 0 |", "| metagrad (checkpoint-872) | 1 | -4.25 | 4.25 | 0.75 |"]
 
 
+def test_paper_results_overlay_labels_each_run_with_its_demonstration(tmp_path, monkeypatch):
+    """--overlay: the runs of two variants (DEMO_TAG) on one figure, each run labelled with its
+    variant, its rows as its metrics.jsonl holds them; a single demonstration keeps plain labels."""
+    paper_results = load_script("paper_results")
+    monkeypatch.setattr(paper_results, "RESULTS", tmp_path)
+    drawn = {}
+    monkeypatch.setattr(paper_results, "plot_runs", lambda runs, path, title="": drawn.update({path.name: runs}))
+    for stem, share in (("67_gpt2", 0.5), ("67_gpt2_batch", 1.0), ("67_gpt2_batch-naive", 0.25)):
+        (tmp_path / f"{stem}.metrics.jsonl").write_text(json.dumps({"step": 1, "distinct_share": share}) + "\n")
+    paper_results.curves(["67_gpt2", "67_gpt2_batch"], "ab")
+    paper_results.curves("67_gpt2_batch")
+    shares = {k: [r["distinct_share"] for r in rows] for k, rows in drawn["ab.curves.png"].items()}
+    assert shares == {"67_gpt2 metagrad": [0.5], "67_gpt2_batch metagrad": [1.0], "67_gpt2_batch naive": [0.25]}
+    assert set(drawn["67_gpt2_batch.curves.png"]) == {"metagrad", "naive"}
+
+
 def test_paper_results_table_averages_the_seeds_and_takes_base_once(tmp_path, monkeypatch):
     """Several seeds of one generator make one row: their mean and [min, max]. The base generator
     comes from the first run's file only, ahead of every trained row."""
