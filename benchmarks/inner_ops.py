@@ -83,7 +83,8 @@ def main() -> None:
         for micro in args.micro:
             row = measure(model, ids, micro, device, args.reps, count_ops=not args.no_ops)
             result["rows"].append(row)
-            ops = (f"{row['plain_ops']:10d} {row['dpg_ops']:10d} {row['ops_ratio']:6.2f}" if row["ops_ratio"]
+            counted = row["ops_ratio"] is not None
+            ops = (f"{row['plain_ops']:10d} {row['dpg_ops']:10d} {row['ops_ratio']:6.2f}" if counted
                    else f"{'-':>10s} {'-':>10s} {'-':>6s}")  # fmt: skip
             print(f"{micro:5d} {row['plain_seconds']:8.3f} {row['dpg_seconds']:8.3f} {row['time_ratio']:7.2f} {ops}",
                   flush=True)  # fmt: skip
