@@ -1,7 +1,9 @@
 """Reliability of dpg train: kill and resume, sealed checkpoints, non-finite values stop the
-step and the run resumes, bad input fails before any compute."""
+step and the run resumes (a non-finite policy update is skipped, as verl skips it), bad input
+fails before any compute."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -146,11 +148,57 @@ def test_a_nan_grpo_loss_stops_before_the_update_and_the_run_resumes(tmp_path, r
 
     monkeypatch.setattr(GRPOTrainer, "compute_loss", nan_in_step_2)
     with pytest.raises(DpgError, match=r"step 2: the generator's gradient is not finite .*stopped before the update"):
-        run_train(tiny(tmp_path, *RUN))
+        run_train(tiny(tmp_path, *RUN, "grpo.nonfinite_skips=0"))
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-1" and not (tmp_path / "checkpoint-2").exists()
     monkeypatch.setattr(GRPOTrainer, "compute_loss", real)
     run_train(tiny(tmp_path, *RUN))
     assert_same_run(tmp_path, reference)  # nothing of the NaN step reached the generator
+
+
+def nan_loss_in(updates: range, monkeypatch) -> None:
+    """The GRPO loss is NaN in these policy updates (optimizer steps, 0-based)."""
+    from trl import GRPOTrainer
+
+    real = GRPOTrainer.compute_loss
+
+    def nan_in(self, *a, **k):
+        loss = real(self, *a, **k)
+        return loss * float("nan") if self.state.global_step in updates else loss
+
+    monkeypatch.setattr(GRPOTrainer, "compute_loss", nan_in)
+
+
+def checkpoint_state(folder: Path) -> tuple[dict, dict]:
+    """A checkpoint's generator weights and its optimizer's per-parameter state."""
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)["state"]
+    return params(folder), optimizer
+
+
+def test_a_nan_grpo_loss_is_skipped_as_verl_skips_it_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    nan_loss_in(range(1, 2), monkeypatch)  # step 2's update (one update a step)
+    run_train(tiny(tmp_path, *RUN))
+    assert "step 2: the generator's gradient is not finite" in capsys.readouterr().out
+    (w1, opt1), (w2, opt2), (w3, _) = (checkpoint_state(tmp_path / f"checkpoint-{s}") for s in (1, 2, 3))
+    for k in w1:  # the skipped update moved no weight ...
+        assert torch.equal(w1[k], w2[k]), k
+    assert opt1.keys() == opt2.keys()
+    for i in opt1:  # ... and no moment, nor AdamW's step count
+        for name in opt1[i]:
+            assert torch.equal(opt1[i][name], opt2[i][name]), (i, name)
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # step 3's update went through
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
+    assert rows[1]["trl/grad_norm"] is None and all(math.isfinite(rows[i]["trl/grad_norm"]) for i in (0, 2))
+    assert (tmp_path / "generator").is_dir()
+
+
+def test_more_nan_updates_in_a_row_than_grpo_nonfinite_skips_stop_the_run(tmp_path, monkeypatch):
+    nan_loss_in(range(1, 3), monkeypatch)  # steps 2 and 3
+    with pytest.raises(DpgError, match=r"step 3: the generator's gradient is not finite .*2 update\(s\) in a row "
+                                       r"\(grpo.nonfinite_skips = 1\); stopped before the update"):  # fmt: skip
+        run_train(tiny(tmp_path, *RUN, "grpo.nonfinite_skips=1"))
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2" and not (tmp_path / "generator").exists()
+    assert [r["skipped_updates"] for r in read_rows(tmp_path / "metrics.jsonl")] == [0, 1]
 
 
 def test_a_generator_update_that_overflows_stops_before_any_checkpoint(tmp_path):

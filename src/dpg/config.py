@@ -245,6 +245,7 @@ class GRPOSettings:
     loss_type: str = "grpo"  # TRL loss aggregation: grpo | dapo | dr_grpo | bnpo | ...
     scale_rewards: str = "group"  # advantage normalisation: group | batch | none
     allowed_tokens: str = "all"  # all | ascii: a byte-level generator samples printable ASCII, space, newline only
+    nonfinite_skips: int = 8  # policy updates in a row skipped for a non-finite gradient, as verl does, before a stop
     save_every: int = 50  # steps between checkpoints; 0: none
     png_every: int = 10  # steps between PNGs of the pattern the target holds (pattern metrics); 0: none
     report_to: str = "none"  # none | tensorboard | wandb (through TRL)

@@ -11,6 +11,7 @@ samples.jsonl, and every `png_every` steps draws the pattern the target holds af
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -50,11 +51,12 @@ class GenerationTimer:
 class RunLog(TrainerCallback):
     def __init__(
         self, out_dir: Path, reward, timer: GenerationTimer, *, total_steps: int, per_step: int, png_every: int,
-        enabled: bool = True, batch: int = 0,
+        enabled: bool = True, batch: int = 0, skips=None,
     ):  # fmt: skip
         self.out, self.reward, self.timer, self.enabled = Path(out_dir), reward, timer, enabled  # enabled: rank 0
         self.total_steps, self.per_step, self.png_every = total_steps, per_step, png_every
         self.batch = batch  # completions per generated batch: x axis of the curves (generated examples)
+        self.skips = skips  # safety.FiniteGuard: policy updates skipped for a non-finite gradient
         self.path = self.out / "metrics.jsonl"
         self.samples_path = self.out / "samples.jsonl"  # each step's texts (DistinctShare.samples)
         self.last_row: dict[str, Any] = {}
@@ -89,7 +91,10 @@ class RunLog(TrainerCallback):
         row |= figures
         if getattr(self.reward, "share", None) is not None:
             row["distinct_share"] = self.reward.share
-        row |= {f"trl/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
+        # a skipped update's NaN grad_norm as null: metrics.jsonl stays strict JSON
+        row |= {f"trl/{k}": v if math.isfinite(v) else None for k, v in logs.items() if isinstance(v, (int, float))}
+        if self.skips is not None:
+            row["skipped_updates"] = self.skips.take()
         row |= {"time/step": wall, "time/generation": generation, "time/reward": reward_s}
         row["time/update"] = max(wall - generation - reward_s, 0.0)
         row |= gpu_memory()
@@ -135,6 +140,7 @@ def phi_report(before: float, after: float, lr: float | None = None, suffix: str
 
 
 def console_line(row: dict[str, Any], total: int) -> str:
+    row = {k: v for k, v in row.items() if v is not None}  # a figure a skipped update left null is not shown
     parts = [f"step {row['step']:>4}/{total}"]
     if "phi" in row:
         parts.append(f"Φ {row['phi']:.5g}")
@@ -238,7 +244,7 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = ""
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, rows in runs.items():
-            pts = [(r.get("examples") or r["step"], r[key]) for r in rows if key in r]
+            pts = [(r.get("examples") or r["step"], r[key]) for r in rows if r.get(key) is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, label=name or None)
         examples = any(r.get("examples") for rows in runs.values() for r in rows)
         ax.set_xlabel("generated examples" if examples else "GRPO step")

@@ -6,11 +6,12 @@ every prompt has a token to continue, every sequence fits its model's position l
 inner run has an example per inner step, and the metric gives a finite scalar on the
 target that depends on its weights.
 
-Every step (`FiniteGuard`): the generator's gradient must be finite before its optimizer
-step, and its weights after it; otherwise the run stops with a DpgError naming the step,
-before that step's checkpoint is written. The rewards check Φ, its gradient and the
-metagradients the same way (dpg.rewards). So no checkpoint holds a poisoned generator, and
-the same command resumes from the last one.
+Every policy update (`FiniteGuard`): one whose gradient is not finite is skipped, as verl
+(the paper's trainer) skips it, and counted in the run log; `grpo.nonfinite_skips` of them in
+a row stop the run with a DpgError naming the step. The weights must be finite after every
+update, or the run stops. Either stop comes before that step's checkpoint is written. The
+rewards check Φ, its gradient and the metagradients the same way (dpg.rewards). So no
+checkpoint holds a poisoned generator, and the same command resumes from the last one.
 
 Checkpoints (`CheckpointSeal`, `last_complete_checkpoint`): transformers writes a checkpoint
 as a folder of files with no mark of completion, and its `get_last_checkpoint` takes the
@@ -46,7 +47,7 @@ def check_settings(cfg) -> None:
         "grpo.num_generations": (g.num_generations, 1), "grpo.max_completion_length": (g.max_completion_length, 1),
         "grpo.updates_per_step": (g.updates_per_step, 1), "grpo.num_iterations": (g.num_iterations, 1),
         "grpo.save_every": (g.save_every, 0), "grpo.png_every": (g.png_every, 0),
-        "grpo.update_microbatch": (g.update_microbatch, 0),
+        "grpo.update_microbatch": (g.update_microbatch, 0), "grpo.nonfinite_skips": (g.nonfinite_skips, 0),
         "prompts.limit": (cfg.prompts.limit, 1), "prompts.heldout": (cfg.prompts.heldout, 0),
         "reward.max_length": (cfg.reward.max_length, 2), "metric.max_length": (cfg.metric.max_length, 2),
         "prompts.max_tokens": (cfg.prompts.max_tokens, 1), "evaluate.samples": (cfg.evaluate.samples, 1),
@@ -152,19 +153,43 @@ def _not_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
 
 
 class FiniteGuard(TrainerCallback):
-    """Stop the run at the first non-finite generator gradient or weight, naming the step
-    (`per_step` optimizer steps make one generated batch, one step of dpg's log)."""
+    """Skip a policy update whose gradient is not finite, as verl skips it (its actor drops the
+    gradients and takes no optimizer step): the gradients are dropped before the step, so the
+    weights and the optimizer's moments stay as they were. `max_skips` in a row are skipped;
+    the next stops the run (0: the first does). Stop the run at the first non-finite weight
+    after an update. `per_step` optimizer steps make one generated batch, one step of dpg's log.
 
-    def __init__(self, per_step: int):
-        self.per_step = per_step
+    Session 18 met one on the H200 (SmolLM2 under bf16 autocast, the UUID's levenshtein run,
+    step 59); the same step redone from its checkpoint was finite."""
+
+    def __init__(self, per_step: int, max_skips: int = 0):
+        self.per_step, self.max_skips = per_step, max_skips
+        self.in_a_row = 0
+        self.skipped = 0  # since the last take(): the run log's skipped_updates
+
+    def take(self) -> int:
+        skipped, self.skipped = self.skipped, 0
+        return skipped
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad = _not_finite([(n, p.grad) for n, p in model.named_parameters() if p.grad is not None])
-        if bad:
+        with_grad = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        bad = _not_finite([(n, p.grad) for n, p in with_grad])
+        if not bad:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        step, update = state.global_step // self.per_step + 1, state.global_step % self.per_step + 1
+        where = f"step {step}: the generator's gradient is not finite in {bad[:3]} (the GRPO loss was not finite)"
+        if self.in_a_row > self.max_skips:
             raise DpgError(
-                f"step {state.global_step // self.per_step + 1}: the generator's gradient is not finite in "
-                f"{bad[:3]} (the GRPO loss was not finite); stopped before the update, no checkpoint has it"
+                f"{where}, {self.in_a_row} update(s) in a row (grpo.nonfinite_skips = {self.max_skips}); "
+                "stopped before the update, no checkpoint has it"
             )
+        for _, p in with_grad:
+            p.grad = None  # torch's optimizers pass over a parameter without a gradient: no step, no moments
+        self.skipped += 1
+        print(f"{where}: update {update} of {self.per_step} skipped, as verl skips it "
+              f"({self.in_a_row} in a row; grpo.nonfinite_skips = {self.max_skips})", flush=True)  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         bad = _not_finite([(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad])

@@ -241,14 +241,16 @@ def build_trainer(cfg: TrainConfig, args, generator, generator_tok, reward, prom
 
     rollout = sampler_for(cfg.grpo, args)  # None: TRL's own `generate`
     timer = rollout or GenerationTimer(generator)  # TRL reports its own timings only to W&B / MLflow
+    guard = FiniteGuard(args.logging_steps, cfg.grpo.nonfinite_skips)
     log = RunLog(
         Path(cfg.output_dir), reward, timer, total_steps=cfg.grpo.steps, per_step=args.logging_steps,
         png_every=cfg.grpo.png_every, enabled=main, batch=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
+        skips=guard,
     )  # fmt: skip
     trainer = GRPOTrainer(
         model=generator, reward_funcs=[reward], args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=generator_tok, peft_config=lora_config(cfg.lora),
-        callbacks=[log, FiniteGuard(args.logging_steps), CheckpointSeal(), *([limit] if limit else [])],
+        callbacks=[log, guard, CheckpointSeal(), *([limit] if limit else [])],
         rollout_func=rollout,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # RunLog prints one readable line per step instead
