@@ -129,3 +129,21 @@ def test_cuda_tf32_engine_reports_the_fp32_gain():
             gains[tf32] = (metric(trained) - metric(dict(model.named_parameters()))).item()
     assert res.metric - res.metric_before == pytest.approx(gains[False], rel=0.05, abs=2e-6)
     assert abs(gains[True] - gains[False]) > 0.5 * abs(gains[False])  # the rounding the engine steps around
+
+
+def test_cuda_nan_policy_update_is_skipped_bitwise(tmp_path, monkeypatch):
+    """On CUDA (bf16 autocast, torch's fused AdamW kernel) a skipped update moves no weight
+    and no optimizer state, as on the CPU (tests/test_safety.py)."""
+    from test_safety import checkpoint_state, nan_loss_in
+    from test_train import tiny
+
+    from dpg.report import read_rows
+    from dpg.train import run_train
+
+    nan_loss_in(range(1, 2), monkeypatch)  # step 2's update
+    run_train(tiny(tmp_path, "grpo.steps=3", "grpo.save_every=1", "device=cuda"))
+    (w1, opt1), (w2, opt2), (w3, _) = (checkpoint_state(tmp_path / f"checkpoint-{s}") for s in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(torch.equal(opt1[i][n], opt2[i][n]) for i in opt1 for n in opt1[i])
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+    assert [r["skipped_updates"] for r in read_rows(tmp_path / "metrics.jsonl")] == [0, 1, 0]
