@@ -155,17 +155,22 @@ def test_a_nan_grpo_loss_stops_before_the_update_and_the_run_resumes(tmp_path, r
     assert_same_run(tmp_path, reference)  # nothing of the NaN step reached the generator
 
 
-def nan_loss_in(updates: range, monkeypatch) -> None:
-    """The GRPO loss is NaN in these policy updates (optimizer steps, 0-based)."""
+def nan_loss_in(updates: range, monkeypatch) -> list[dict]:
+    """The GRPO loss is NaN in these policy updates (optimizer steps, 0-based); the list gets
+    the inputs of each pass made NaN."""
     from trl import GRPOTrainer
 
-    real = GRPOTrainer.compute_loss
+    real, seen = GRPOTrainer.compute_loss, []
 
-    def nan_in(self, *a, **k):
-        loss = real(self, *a, **k)
-        return loss * float("nan") if self.state.global_step in updates else loss
+    def nan_in(self, model, inputs, *a, **k):
+        loss = real(self, model, inputs, *a, **k)
+        if self.state.global_step not in updates:
+            return loss
+        seen.append({k: v.detach().cpu().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+        return loss * float("nan")
 
     monkeypatch.setattr(GRPOTrainer, "compute_loss", nan_in)
+    return seen
 
 
 def checkpoint_state(folder: Path) -> tuple[dict, dict]:
@@ -175,9 +180,17 @@ def checkpoint_state(folder: Path) -> tuple[dict, dict]:
 
 
 def test_a_nan_grpo_loss_is_skipped_as_verl_skips_it_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    nan_loss_in(range(1, 2), monkeypatch)  # step 2's update (one update a step)
+    seen = nan_loss_in(range(1, 2), monkeypatch)  # step 2's update (one update a step)
     run_train(tiny(tmp_path, *RUN))
-    assert "step 2: the generator's gradient is not finite" in capsys.readouterr().out
+    kept = tmp_path / "nonfinite" / "step_2_update_1.pt"
+    out = capsys.readouterr().out
+    assert "step 2: the generator's gradient is not finite in ['transformer.wte.weight'" in out
+    assert (f"update 1 of 1 skipped, as verl skips it (1 in a row; grpo.nonfinite_skips = 8); its inputs are in "
+            f"{kept} (advantages: 0 of 8 not finite; completion lengths") in out  # fmt: skip
+    saved = torch.load(kept, weights_only=True)  # the post-mortem: the very inputs of the NaN update
+    assert len(saved) == len(seen) == 1 and saved[0].keys() == seen[0].keys() >= {"completion_ids", "advantages"}
+    assert all(torch.equal(saved[0][k], seen[0][k]) for k in seen[0])
+    assert sorted(p.name for p in kept.parent.iterdir()) == [kept.name]  # only the skipped update's
     (w1, opt1), (w2, opt2), (w3, _) = (checkpoint_state(tmp_path / f"checkpoint-{s}") for s in (1, 2, 3))
     for k in w1:  # the skipped update moved no weight ...
         assert torch.equal(w1[k], w2[k]), k
@@ -199,6 +212,22 @@ def test_more_nan_updates_in_a_row_than_grpo_nonfinite_skips_stop_the_run(tmp_pa
         run_train(tiny(tmp_path, *RUN, "grpo.nonfinite_skips=1"))
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2" and not (tmp_path / "generator").exists()
     assert [r["skipped_updates"] for r in read_rows(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
+def test_post_mortem_reads_the_masked_completion_tokens_only():
+    from dpg.safety import post_mortem
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    old = torch.tensor([[-2.0, -95.5, -1000.0], [-0.5, -3000.0, float("-inf")]])  # masked: padding
+    passes = [
+        {"advantages": torch.tensor([0.5, float("nan")]), "completion_mask": mask, "old_per_token_logps": old},
+        {"advantages": torch.tensor([1.0, -1.0]), "completion_mask": torch.tensor([[1, 1, 1], [0, 0, 0]])},
+    ]
+    assert post_mortem(passes) == (
+        "advantages: 1 of 4 not finite; lowest old log-probability of a completion token: -95.5; "
+        "completion lengths 0 to 3"
+    )
+    assert post_mortem([{}]) == "no GRPO inputs"
 
 
 def test_a_generator_update_that_overflows_stops_before_any_checkpoint(tmp_path):

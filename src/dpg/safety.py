@@ -155,7 +155,8 @@ def _not_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
 class FiniteGuard(TrainerCallback):
     """Skip a policy update whose gradient is not finite, as verl skips it (its actor drops the
     gradients and takes no optimizer step): the gradients are dropped before the step, so the
-    weights and the optimizer's moments stay as they were. `max_skips` in a row are skipped;
+    weights and the optimizer's moments stay as they were (the learning-rate schedule still
+    advances, as verl's does). `max_skips` in a row are skipped;
     the next stops the run (0: the first does). Stop the run at the first non-finite weight
     after an update. `per_step` optimizer steps make one generated batch, one step of dpg's log.
 
@@ -166,10 +167,24 @@ class FiniteGuard(TrainerCallback):
         self.per_step, self.max_skips = per_step, max_skips
         self.in_a_row = 0
         self.skipped = 0  # since the last take(): the run log's skipped_updates
+        self.out: Path | None = None  # watch(): where a skipped update's inputs go
+        self.passes: list[dict] = []  # the inputs of each pass of the update under way
 
     def take(self) -> int:
         skipped, self.skipped = self.skipped, 0
         return skipped
+
+    def watch(self, trainer, out: Path) -> None:
+        """Hold the inputs of each pass of the update under way (TRL's compute_loss sees them;
+        references only, TRL keeps the batch anyway), so that a skipped update's inputs go to
+        OUT/nonfinite/ for a post-mortem, and the log says what in them was out of the ordinary."""
+        self.out, inner = Path(out), trainer.compute_loss
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            self.passes.append(inputs)
+            return inner(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss  # an instance attribute: the class is untouched
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         with_grad = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
@@ -189,15 +204,49 @@ class FiniteGuard(TrainerCallback):
             p.grad = None  # torch's optimizers pass over a parameter without a gradient: no step, no moments
         self.skipped += 1
         print(f"{where}: update {update} of {self.per_step} skipped, as verl skips it "
-              f"({self.in_a_row} in a row; grpo.nonfinite_skips = {self.max_skips})", flush=True)  # fmt: skip
+              f"({self.in_a_row} in a row; grpo.nonfinite_skips = {self.max_skips}){self._keep(step, update, args)}",
+              flush=True)  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.passes = []  # the next update's passes
         bad = _not_finite([(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad])
         if bad:
             raise DpgError(
                 f"step {(state.global_step - 1) // self.per_step + 1}: the generator's weights are not finite "
                 f"after its update, in {bad[:3]} (grpo.learning_rate too high?); stopped before any checkpoint has them"
             )
+
+    def _keep(self, step: int, update: int, args) -> str:
+        """Save the skipped update's inputs (their tensors, on the CPU) and say what they hold."""
+        if self.out is None or not self.passes:
+            return ""
+        rank = f"_rank{args.process_index}" if args.world_size > 1 else ""
+        path = self.out / "nonfinite" / f"step_{step}_update_{update}{rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        passes = [{k: v.detach().cpu() for k, v in x.items() if isinstance(v, torch.Tensor)} for x in self.passes]
+        torch.save(passes, path)
+        return f"; its inputs are in {path} ({post_mortem(passes)})"
+
+
+def post_mortem(passes: list[dict]) -> str:
+    """What a skipped update's inputs hold that could make the GRPO loss not finite: advantages
+    that are not, and the lowest log-probability of a completion token at sampling time (the
+    clipped ratio exp(logp - logp_old) overflows past ~88 nats, and its gradient is then 0 · inf)."""
+    parts = []
+    advantages = [p["advantages"].flatten() for p in passes if "advantages" in p]
+    if advantages:
+        adv = torch.cat(advantages)
+        parts.append(f"advantages: {int((~torch.isfinite(adv)).sum())} of {adv.numel()} not finite")
+    masks = [p["completion_mask"].bool() for p in passes if "completion_mask" in p]
+    old = [(p["old_per_token_logps"], p["completion_mask"].bool()) for p in passes
+           if p.get("old_per_token_logps") is not None and "completion_mask" in p]  # fmt: skip
+    if any(m.any() for _, m in old):
+        low = min(lp.float()[m].min().item() for lp, m in old if m.any())
+        parts.append(f"lowest old log-probability of a completion token: {low:.4g}")
+    if masks:
+        lengths = torch.cat([m.sum(-1) for m in masks])
+        parts.append(f"completion lengths {int(lengths.min())} to {int(lengths.max())}")
+    return "; ".join(parts) or "no GRPO inputs"
 
 
 class CheckpointSeal(TrainerCallback):

@@ -253,6 +253,7 @@ def build_trainer(cfg: TrainConfig, args, generator, generator_tok, reward, prom
         callbacks=[log, guard, CheckpointSeal(), *([limit] if limit else [])],
         rollout_func=rollout,
     )  # fmt: skip
+    guard.watch(trainer, Path(cfg.output_dir))
     trainer.remove_callback(PrinterCallback)  # RunLog prints one readable line per step instead
     hf_logging.disable_progress_bar()  # no bars for writing shards at every checkpoint
     return trainer, log
