@@ -5,7 +5,8 @@
 # and copies the named files into $OUT, with every *.tgz under RESULTS (default /tmp/demo_out,
 # where gpu_demo.sh's OUT should point), so every call brings back what the job has so far and
 # the call that sees it end brings back its results: a later call may find a fresh machine. Each
-# wait also brings back runs_live.tgz: every run's log and metrics.jsonl so far.
+# wait also brings back runs_live.tgz: every run's log and metrics.jsonl so far, and the inputs of
+# any policy update skipped for a non-finite gradient (RUN/nonfinite/*.pt, for a post-mortem).
 #   bash benchmarks/gpu_bg.sh start 'SETUP=0 BUDGET_S=1800 PIECE_MIN=28 bash benchmarks/gpu_demo.sh german'
 #   bash benchmarks/gpu_bg.sh wait 560 runs/paper/german*.log
 #   bash benchmarks/gpu_bg.sh stop german-naive     # one run of the job, the others go on
@@ -40,7 +41,7 @@ case "${1:-}" in
     # and every run's log and metrics.jsonl so far, in one file (runs_live.tgz; RUNS, default
     # runs/paper): a machine lost between two calls (session 11 lost one 11 minutes into a job)
     # then takes with it only the steps since the last call, not the curves
-    files=$(cd "${RUNS:-runs/paper}" 2>/dev/null && ls -- *.log */metrics.jsonl 2>/dev/null)
+    files=$(cd "${RUNS:-runs/paper}" 2>/dev/null && ls -- *.log */metrics.jsonl */nonfinite/*.pt 2>/dev/null)
     [ -z "$files" ] || (cd "${RUNS:-runs/paper}" && tar czf "${OUT:-/tmp/out}/runs_live.tgz" $files); true ;;
   stop)
     # One run out of a job that trains several side by side (say, to give the others the card):

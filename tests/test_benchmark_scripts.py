@@ -308,7 +308,7 @@ def test_gpu_demo_packs_a_call_without_the_metagrad_run(tmp_path):
 def test_gpu_bg_wait_brings_back_the_results_archives(tmp_path):
     """gpu_bg.sh wait copies, besides the named files, every *.tgz under RESULTS into OUT with
     flat names, so the call that sees a job end brings its results back, and packs every run's
-    log and metrics.jsonl under RUNS (no checkpoints) into runs_live.tgz."""
+    log, metrics.jsonl and skipped updates' inputs under RUNS (no checkpoints) into runs_live.tgz."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bg.sh"
@@ -320,13 +320,15 @@ def test_gpu_bg_wait_brings_back_the_results_archives(tmp_path):
     (runs / "x.log").write_text("step 1\n")
     (runs / "x" / "metrics.jsonl").write_text('{"step": 1}\n')
     (runs / "x" / "big.safetensors").write_text("weights")
+    (runs / "x" / "nonfinite").mkdir()
+    (runs / "x" / "nonfinite" / "step_2_update_1.pt").write_text("inputs")  # a skipped update's, safety.FiniteGuard
     env = os.environ | {"RESULTS": str(results), "OUT": str(out), "RUNS": str(runs)}
     subprocess.run(["bash", str(script), "start", job], env=env, check=True, capture_output=True, timeout=30)
     done = subprocess.run(["bash", str(script), "wait", "30"], env=env, capture_output=True, text=True, timeout=60)
     assert "== ended" in done.stdout
     assert (out / "a_paper_x.tgz").read_text() == "1\n" and (out / "b_paper_x.tgz").read_text() == "2\n"
-    with tarfile.open(out / "runs_live.tgz") as live:  # the logs and metrics so far, nothing else
-        assert sorted(live.getnames()) == ["x.log", "x/metrics.jsonl"]
+    with tarfile.open(out / "runs_live.tgz") as live:  # the logs, metrics and post-mortems so far, nothing else
+        assert sorted(live.getnames()) == ["x.log", "x/metrics.jsonl", "x/nonfinite/step_2_update_1.pt"]
         assert live.extractfile("x/metrics.jsonl").read() == b'{"step": 1}\n'
 
 
