@@ -156,9 +156,9 @@ class FiniteGuard(TrainerCallback):
     """Skip a policy update whose gradient is not finite, as verl skips it (its actor drops the
     gradients and takes no optimizer step): the gradients are dropped before the step, so the
     weights and the optimizer's moments stay as they were (the learning-rate schedule still
-    advances, as verl's does). `max_skips` in a row are skipped;
-    the next stops the run (0: the first does). Stop the run at the first non-finite weight
-    after an update. `per_step` optimizer steps make one generated batch, one step of dpg's log.
+    advances, as verl's does). `max_skips` in a row are skipped; the next stops the run (0: the
+    first does). Stop the run at the first non-finite weight after an update. `per_step`
+    optimizer steps make one generated batch, one step of dpg's log.
 
     Session 18 met one on the H200 (SmolLM2 under bf16 autocast, the UUID's levenshtein run,
     step 59); the same step redone from its checkpoint was finite."""
