@@ -203,6 +203,8 @@ def test_a_nan_grpo_loss_is_skipped_as_verl_skips_it_and_the_run_goes_on(tmp_pat
     assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
     assert rows[1]["trl/grad_norm"] is None and all(math.isfinite(rows[i]["trl/grad_norm"]) for i in (0, 2))
     assert (tmp_path / "generator").is_dir()
+    assert json.loads((tmp_path / "train_summary.json").read_text())["skipped_updates"] == 1
+    assert "1 policy update(s) skipped for a non-finite gradient (metrics.jsonl: skipped_updates)" in out
 
 
 def test_more_nan_updates_in_a_row_than_grpo_nonfinite_skips_stop_the_run(tmp_path, monkeypatch):

@@ -186,8 +186,19 @@ def run_train(cfg: TrainConfig) -> Path | None:
             print(f"stopped after step {trainer.state.global_step // args.logging_steps}/{cfg.grpo.steps}: "
                   f"time_limit of {cfg.time_limit:g} minutes; the same command resumes")  # fmt: skip
         return None
-    summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "last": log.last_row}
+    skipped = skipped_updates(log.path) if main else 0
+    if skipped:
+        print(f"{skipped} policy update(s) skipped for a non-finite gradient (metrics.jsonl: skipped_updates)")
+    summary = {"steps": cfg.grpo.steps, "seconds": time.perf_counter() - start, "skipped_updates": skipped,
+               "last": log.last_row}  # fmt: skip
     return save_generator(trainer, generator_tok, out, summary, main)
+
+
+def skipped_updates(metrics: Path) -> int:
+    """Policy updates the run skipped for a non-finite gradient, over all its pieces."""
+    from dpg.report import read_rows
+
+    return sum(r.get("skipped_updates") or 0 for r in read_rows(metrics)) if metrics.exists() else 0
 
 
 def load_generator(cfg: TrainConfig):
