@@ -9,7 +9,7 @@ from dpg import DpgError, Recipe, example_metagrads, fine_tune
 from dpg.data import decode_bytes, encode_texts
 from dpg.metrics import pattern_metric
 from dpg.models import load_model
-from dpg.rewards import InnerRunReward, inverse_groups, select, standardize
+from dpg.rewards import InnerRunReward, inverse_groups, length_correlation, select, standardize
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,22 @@ def test_standardize_by_hand():
     assert torch.allclose(adv(standardize(raw)), adv(raw))
 
 
+def test_length_correlation_is_pearsons_within_groups():
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(20, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, 128, (20,), generator=gen)
+    centred = [x.reshape(5, 4) - x.reshape(5, 4).mean(1, keepdims=True) for x in (raw.numpy(), lengths.numpy() * 1.0)]
+    expected = np.corrcoef(centred[0].ravel(), centred[1].ravel())[0, 1]
+    assert length_correlation(raw, lengths, 4) == pytest.approx(expected, abs=1e-12)
+    offsets = torch.arange(5.0, dtype=torch.float64).repeat_interleave(4) * 100  # prompts differ; groups do not
+    assert length_correlation(2 * lengths + offsets, lengths, 4) == pytest.approx(1.0)
+    assert length_correlation(offsets - lengths, lengths, 4) == pytest.approx(-1.0)
+    assert length_correlation(raw, torch.full((20,), 7), 4) == 0.0  # no length differs within a group
+    assert length_correlation(raw[:18], lengths[:18], 4) is None and length_correlation(raw, lengths, 1) is None
+
+
 def test_metagrad_reward_is_the_standardised_engine_scores(target):
     model, tok, metric = target
     recipe = Recipe(lr=1e-3)
@@ -51,6 +67,8 @@ def test_metagrad_reward_is_the_standardised_engine_scores(target):
     assert row["phi"] == pytest.approx(direct.metric) and row["inner_runs"] == 1
     assert row["raw_max"] == pytest.approx(direct.scores.max().item())
     assert "proxy/pixel_accuracy" in row and reward.decoded.shape == (6, 7)
+    lengths = encode_texts(tok, COMPLETIONS, 32).attention_mask.sum(1)
+    assert row["length_corr"] == pytest.approx(length_correlation(direct.scores, lengths, 4))  # TRL's default G
     assert reward.__name__ == "metagrad"
 
 

@@ -39,6 +39,7 @@ def test_two_steps_train_the_generator_and_log(tmp_path):
     for r in rows:
         assert math.isfinite(r["phi"]) and 0 <= r["proxy/pixel_accuracy"] <= 1
         assert r["raw_std"] > 0 and math.isfinite(r["raw_min"]) and math.isfinite(r["raw_max"])
+        assert -1 <= r["length_corr"] <= 1  # the reward against the completions' length, within groups
         phases = [r["engine/train"], r["engine/metric"], r["engine/reverse"]]  # the engine's time, by phase
         assert min(phases) >= 0 and sum(phases) <= r["engine_seconds"] and r["engine/train"] > 0
         assert r["time/generation"] > 0 and r["time/reward"] > 0

@@ -53,6 +53,20 @@ def inverse_groups(n: int, num_generations: int) -> list[Tensor]:
     return [grid[:, k] for k in range(num_generations)]
 
 
+def length_correlation(raw: Tensor, lengths: Tensor, num_generations: int) -> float | None:
+    """Pearson correlation of the raw rewards with the completions' lengths, both centred within
+    each GRPO group (TRL's layout, inverse_groups), as group-normalised advantages see them:
+    above 0, longer text of a prompt scores higher, and GRPO lengthens it. None where the
+    completions are not whole groups (a rank's share of a data-parallel batch may not be)."""
+    if num_generations < 2 or len(raw) % num_generations:
+        return None
+    r = raw.double().view(-1, num_generations)
+    n = lengths.to(r.device).double().view(-1, num_generations)
+    r, n = r - r.mean(1, keepdim=True), n - n.mean(1, keepdim=True)
+    denom = (r.square().sum() * n.square().sum()).sqrt()
+    return float((r * n).sum() / denom) if denom > 0 else 0.0
+
+
 def select(examples: Examples, idx: Tensor) -> Examples:
     return Examples(*(x[idx] for x in examples))
 
@@ -176,8 +190,12 @@ class InnerRunReward:
         if not torch.isfinite(raw).all():
             bad = (~torch.isfinite(raw)).nonzero().flatten().tolist()
             raise DpgError(f"step {step}: the {self.kind} reward is not finite for completions {bad[:5]}")
+        lengths = examples.attention_mask.sum(1)  # target tokens, aligned with raw (both whole or both this rank's)
+        length_corr = length_correlation(raw, lengths, self.num_generations)
         rewards, raw = share.rewards(raw)
         row = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}  # mean over inner runs
+        if length_corr is not None:
+            row["length_corr"] = length_corr
         row |= {
             "step": step, "raw_mean": raw.mean().item(), "raw_std": raw.std().item() if len(raw) > 1 else 0.0,
             "raw_min": raw.min().item(), "raw_max": raw.max().item(), "inner_runs": len(runs),
