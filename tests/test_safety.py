@@ -213,6 +213,7 @@ def test_more_nan_updates_in_a_row_than_grpo_nonfinite_skips_stop_the_run(tmp_pa
                                        r"\(grpo.nonfinite_skips = 1\); stopped before the update"):  # fmt: skip
         run_train(tiny(tmp_path, *RUN, "grpo.nonfinite_skips=1"))
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2" and not (tmp_path / "generator").exists()
+    assert sorted(p.name for p in (tmp_path / "nonfinite").iterdir()) == ["step_2_update_1.pt", "step_3_update_1.pt"]
     assert [r["skipped_updates"] for r in read_rows(tmp_path / "metrics.jsonl")] == [0, 1]
 
 

@@ -198,7 +198,7 @@ class FiniteGuard(TrainerCallback):
         if self.in_a_row > self.max_skips:
             raise DpgError(
                 f"{where}, {self.in_a_row} update(s) in a row (grpo.nonfinite_skips = {self.max_skips}); "
-                "stopped before the update, no checkpoint has it"
+                f"stopped before the update, no checkpoint has it{self._keep(step, update, args)}"
             )
         for _, p in with_grad:
             p.grad = None  # torch's optimizers pass over a parameter without a gradient: no step, no moments
