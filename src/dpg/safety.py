@@ -237,11 +237,11 @@ def post_mortem(passes: list[dict]) -> str:
     if advantages:
         adv = torch.cat(advantages)
         parts.append(f"advantages: {int((~torch.isfinite(adv)).sum())} of {adv.numel()} not finite")
-    masks = [p["completion_mask"].bool() for p in passes if "completion_mask" in p]
-    old = [(p["old_per_token_logps"], p["completion_mask"].bool()) for p in passes
-           if p.get("old_per_token_logps") is not None and "completion_mask" in p]  # fmt: skip
-    if any(m.any() for _, m in old):
-        low = min(lp.float()[m].min().item() for lp, m in old if m.any())
+    masked = [(p, p["completion_mask"].bool()) for p in passes if "completion_mask" in p]
+    masks = [m for _, m in masked]
+    old = [(p["old_per_token_logps"], m) for p, m in masked if p.get("old_per_token_logps") is not None and m.any()]
+    if old:
+        low = min(lp.float()[m].min().item() for lp, m in old)
         parts.append(f"lowest old log-probability of a completion token: {low:.4g}")
     if masks:
         lengths = torch.cat([m.sum(-1) for m in masks])
