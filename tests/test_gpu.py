@@ -133,15 +133,18 @@ def test_cuda_tf32_engine_reports_the_fp32_gain():
 
 def test_cuda_nan_policy_update_is_skipped_bitwise(tmp_path, monkeypatch):
     """On CUDA (bf16 autocast, torch's fused AdamW kernel) a skipped update moves no weight
-    and no optimizer state, as on the CPU (tests/test_safety.py)."""
+    and no optimizer state, as on the CPU (tests/test_safety.py), and leaves its inputs for the post-mortem."""
     from test_safety import checkpoint_state, nan_loss_in
     from test_train import tiny
 
     from dpg.report import read_rows
     from dpg.train import run_train
 
-    nan_loss_in(range(1, 2), monkeypatch)  # step 2's update
+    seen = nan_loss_in(range(1, 2), monkeypatch)  # step 2's update
     run_train(tiny(tmp_path, "grpo.steps=3", "grpo.save_every=1", "device=cuda"))
+    saved = torch.load(tmp_path / "nonfinite" / "step_2_update_1.pt", map_location="cpu", weights_only=True)
+    assert len(saved) == len(seen) == 1 and saved[0].keys() == seen[0].keys() >= {"completion_ids", "advantages"}
+    assert all(torch.equal(saved[0][k], seen[0][k]) for k in seen[0])  # the post-mortem holds the update's inputs
     (w1, opt1), (w2, opt2), (w3, _) = (checkpoint_state(tmp_path / f"checkpoint-{s}") for s in (1, 2, 3))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert all(torch.equal(opt1[i][n], opt2[i][n]) for i in opt1 for n in opt1[i])
