@@ -108,6 +108,7 @@ def test_paper_configs_hold_the_papers_settings():
     completions of a step) and each task's learning rates; the second language differs from
     German only in its files and language code."""
     lrs = {"67": 5e-6, "qr": 5e-6, "l2": 5e-6, "german": 1e-6, "spanish": 1e-6, "uuid": 1e-6}
+    generator_lrs = lrs | {"67": 2e-5}  # the one deviation measured to help at our budget (its header)
     assert sorted(p.stem for p in PAPER) == sorted(lrs)
     for path in PAPER:
         cfg = load_config(TrainConfig, path)
@@ -115,7 +116,8 @@ def test_paper_configs_hold_the_papers_settings():
         assert (g.prompts_per_step, g.num_generations, g.updates_per_step, g.num_iterations) == (256, 4, 8, 1)
         assert (g.epsilon, g.beta, g.lr_schedule, g.temperature) == (0.2, 0.0, "constant", 1.0)
         assert g.max_completion_length == cfg.reward.max_length == 128
-        assert g.extra["max_grad_norm"] == 1.0 and g.learning_rate == r.lr == lrs[path.stem], path.stem
+        assert g.extra["max_grad_norm"] == 1.0 and r.lr == lrs[path.stem], path.stem
+        assert g.learning_rate == generator_lrs[path.stem], path.stem
         assert (r.optimizer, r.b1, r.b2, r.eps_root, r.weight_decay, r.steps) == ("adamw", 0.9, 0.95, 1e-9, 1e-4, 1)
         assert cfg.prompts.chat and "rephrase" in cfg.prompts.template and cfg.evaluate.samples >= 512
         assert cfg.evaluate.samples <= cfg.prompts.heldout * 8  # held-out prompts, 8 samples each at most
