@@ -3,7 +3,7 @@ exact and cheap, for pattern metrics ("67", QR).
 
     python benchmarks/transfer_spread.py configs/paper/67.yaml \\
         benchmarks/results/paper/67.evaluate.json benchmarks/results/paper/67-naive.evaluate.json \\
-        [--replicates 2000] [--out benchmarks/results/paper/67.spread.json]
+        [--replicates 2000] [--sizes 64 128 256] [--out benchmarks/results/paper/67.spread.json]
 
 Every row of every file (a generator's samples, as `dpg evaluate` wrote them) is one set; sets
 with the same samples (each file's base row) are measured once.
@@ -15,6 +15,8 @@ linear in the samples' multiplicities c_i. So one gradient per sample, once, giv
 Φ and pixel accuracy on any resample of them, through dpg's own optimizer step and metric.
 Resamples redraw each held-out prompt's completions with replacement among themselves (sample i
 answers prompt i mod P), as another sampling seed would redraw them for the same prompts.
+--sizes also gives each set's check on fewer of its samples (the same number from every
+prompt, drawn without replacement): how the check moves with its sample count.
 With every c_i = 1 the script gives the recorded check back ("recorded" against "all once";
 they differ only where the check ran on a GPU and a block entry's tiny gradient rounds the
 other way), and `tests/test_transfer_spread.py` checks it against `fine_tune` with weights c.
@@ -108,6 +110,33 @@ def resample(strata: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return counts
 
 
+def subsample(strata: torch.Tensor, per: int, gen: torch.Generator) -> torch.Tensor:
+    """Multiplicities (0 or 1) of one smaller check: `per` of each stratum's members, drawn without replacement."""
+    counts = torch.zeros(len(strata))
+    for s in strata.unique():
+        members = (strata == s).nonzero().flatten()
+        if per > len(members):
+            raise SystemExit(f"{per} samples a prompt asked, prompt {int(s)} has {len(members)}")
+        counts[members[torch.randperm(len(members), generator=gen)[:per]]] = 1
+    return counts
+
+
+def size_curve(cfg, metric, grads: dict[str, torch.Tensor], prompts: int, sizes: list[int], replicates: int,
+               seed: int) -> dict:  # fmt: skip
+    """Each set's check on fewer of its samples (each size a multiple of the prompts, the same
+    share of every prompt's): how the check's figures move with its sample count."""
+    if bad := [n for n in sizes if n % prompts]:
+        raise SystemExit(f"--sizes must be multiples of the {prompts} held-out prompts: {bad}")
+    gen, out = torch.Generator().manual_seed(seed), {}
+    for name, g in grads.items():
+        strata = torch.arange(len(g)) % prompts
+        out[name] = {}
+        for n in sizes:
+            rows = [checked(cfg, metric, g, subsample(strata, n // prompts, gen)) for _ in range(replicates)]
+            out[name][n] = {k: spread(torch.tensor([r[k] for r in rows], dtype=torch.float64)) for k in rows[0]}
+    return out
+
+
 def spread(values: torch.Tensor) -> dict[str, float]:
     lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=values.dtype)).tolist()
     return {"mean": values.mean().item(), "std": values.std().item(), "ci95": [lo, hi]}
@@ -139,6 +168,8 @@ def main() -> None:
     ap.add_argument("--replicates", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--override", nargs="*", default=[], help="config overrides (key=value)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[],
+                    help="also the check on fewer samples: these counts, multiples of the prompts")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = load_config(TrainConfig, args.config, args.override)
@@ -160,6 +191,11 @@ def main() -> None:
         before[name] = {"recorded": before[name], "all_once": once}
     result = {"command": " ".join(["python", *sys.argv]), "prompts": prompts, "replicates": args.replicates,
               "checks": before, **bootstrap(cfg, metric, grads, prompts, args.replicates, args.seed)}  # fmt: skip
+    if args.sizes:
+        result["sizes"] = size_curve(cfg, metric, grads, prompts, args.sizes, args.replicates, args.seed)
+        for name, by_size in result["sizes"].items():
+            print(name, {n: f"{v['pixel_accuracy']['mean']:.3f} ± {v['pixel_accuracy']['std']:.3f}"
+                         for n, v in by_size.items()})  # fmt: skip
     for name, figures in result["sets"].items():
         print(name, {k: f"{v['mean']:.7g} ± {v['std']:.2g}" for k, v in figures.items()})
     for name, figures in result["pairs"].items():

@@ -89,3 +89,34 @@ def test_sets_are_read_once_and_a_pair_is_signed(tmp_path):
     assert list(sets) == ["x:base@0", "x:trained@0", "x-naive:trained@0"]
     spread = ts.spread(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
     assert spread["mean"] == 2.5 and spread["ci95"][0] == pytest.approx(1.075)
+
+
+def test_subsample_takes_as_many_of_each_prompt_once():
+    strata = torch.arange(64) % 8
+    counts = ts.subsample(strata, 3, torch.Generator().manual_seed(0))
+    assert set(counts.tolist()) == {0.0, 1.0}
+    for s in range(8):
+        assert counts[strata == s].sum() == 3
+
+
+def test_the_size_curve_draws_checks_of_that_many_samples():
+    """At the full size a smaller check is the check itself, with no spread; at one sample a
+    prompt, every draw is one of the checks enumerated on such subsets by hand."""
+    import itertools
+
+    cfg = config("tiny-gpt2", "adamw")
+    target, tok = load(cfg.target)
+    metric = build_metric(cfg.metric, target, tok)
+    grads = ts.block_grads(cfg, target, tok, metric, TEXTS[:8])  # 4 prompts, 2 samples each (i mod 4)
+    curve = ts.size_curve(cfg, metric, {"g": grads}, 4, [4, 8], replicates=40, seed=0)["g"]
+    whole = ts.checked(cfg, metric, grads, torch.ones(8))
+    assert curve[8]["phi"]["mean"] == pytest.approx(whole["phi"], rel=1e-12) and curve[8]["phi"]["std"] == 0
+    by_hand = []
+    for picks in itertools.product(*[(i, i + 4) for i in range(4)]):
+        counts = torch.zeros(8)
+        counts[list(picks)] = 1
+        by_hand.append(ts.checked(cfg, metric, grads, counts)["phi"])
+    lo, hi = curve[4]["phi"]["ci95"]
+    assert min(by_hand) - 1e-12 <= lo < hi <= max(by_hand) + 1e-12 and curve[4]["phi"]["std"] > 0
+    with pytest.raises(SystemExit, match="multiples of the 4 held-out prompts"):
+        ts.size_curve(cfg, metric, {"g": grads}, 4, [6], replicates=1, seed=0)
