@@ -132,9 +132,15 @@ def size_curve(cfg, metric, grads: dict[str, torch.Tensor], prompts: int, sizes:
         strata = torch.arange(len(g)) % prompts
         out[name] = {}
         for n in sizes:
-            rows = [checked(cfg, metric, g, subsample(strata, n // prompts, gen)) for _ in range(replicates)]
-            out[name][n] = {k: spread(torch.tensor([r[k] for r in rows], dtype=torch.float64)) for k in rows[0]}
+            drawn = draws(cfg, metric, g, lambda: subsample(strata, n // prompts, gen), replicates)
+            out[name][n] = {k: spread(v) for k, v in drawn.items()}
     return out
+
+
+def draws(cfg, metric, grads: torch.Tensor, counts_of, replicates: int) -> dict[str, torch.Tensor]:
+    """The check's figures on `replicates` draws of multiplicities (counts_of() makes one)."""
+    rows = [checked(cfg, metric, grads, counts_of()) for _ in range(replicates)]
+    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]}
 
 
 def spread(values: torch.Tensor) -> dict[str, float]:
@@ -146,16 +152,15 @@ def bootstrap(cfg, metric, grads: dict[str, torch.Tensor], prompts: int, replica
     """Each set's Φ and pixel accuracy over `replicates` resamples, and each pair's difference
     (the sets are independent draws, so a pair's replicates are paired at random)."""
     gen = torch.Generator().manual_seed(seed)
-    draws = {}
+    drawn = {}
     for name, g in grads.items():
         strata = torch.arange(len(g)) % prompts
-        rows = [checked(cfg, metric, g, resample(strata, gen)) for _ in range(replicates)]
-        draws[name] = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]}
-    out = {"sets": {n: {k: spread(v) for k, v in d.items()} for n, d in draws.items()}, "pairs": {}}
-    names = list(draws)
+        drawn[name] = draws(cfg, metric, g, lambda: resample(strata, gen), replicates)
+    out = {"sets": {n: {k: spread(v) for k, v in d.items()} for n, d in drawn.items()}, "pairs": {}}
+    names = list(drawn)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            diff = {k: draws[a][k] - draws[b][k] for k in draws[a]}
+            diff = {k: drawn[a][k] - drawn[b][k] for k in drawn[a]}
             out["pairs"][f"{a} - {b}"] = {k: spread(v) | {"share_above_0": (v > 0).double().mean().item()}
                                           for k, v in diff.items()}  # fmt: skip
     return out
