@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_bg.sh wait 560 runs/paper/german*.log
 #   bash benchmarks/gpu_bg.sh stop german-naive     # one run of the job, the others go on
 # Only one job at a time: its pid is in /tmp/dpg_bg.pid, its output in /tmp/dpg_bg.log.
+# Make the next `wait` call the moment one returns, reading its output afterwards: the machine goes
+# back ~30 s after a call ends, and the job with it (session 20 lost 63 steps of "67" that way).
 set -uo pipefail
 pidfile=/tmp/dpg_bg.pid log=/tmp/dpg_bg.log
 case "${1:-}" in
