@@ -89,6 +89,51 @@ def test_step_adjoint_matches_autograd_vjp(opt):
             torch.testing.assert_close(adj_state.v[k], ref[6 + i], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("eps,eps_root", [(1e-3, 0.0), (1e-8, 1e-9), (1e-4, 1e-6)])
+@pytest.mark.parametrize("upstream", [True, False])
+def test_first_step_adjoint_matches_autograd_vjp(eps, eps_root, upstream):
+    """t = 1 takes its own closed form for the update's route to g; with cotangents on the new
+    state as well (what step 2 hands back when M > 1), it equals autograd's VJP of step."""
+    opt = optim.AdamW(lr=0.05, b1=0.8, b2=0.95, eps=eps, eps_root=eps_root, weight_decay=0.1)
+    params = random_params(4)
+    g = torch.Generator().manual_seed(5)
+    grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) * 10.0 ** (2 * i - 3)
+             for i, (k, p) in enumerate(params.items())}  # |g| from ~√eps_root to far past it  # fmt: skip
+    # (g = 0 with eps_root = 0 is test_adamw_adjoint_is_finite_where_v_is_zero's: autograd gives NaN there)
+    leaves = [x.clone().requires_grad_(True) for x in (*params.values(), *grads.values())]
+    names = list(params)
+    new_p, new_s = optim.step(opt, dict(zip(names, leaves[:2])), optim.init(opt, params), dict(zip(names, leaves[2:])))
+    outs = [*new_p.values(), *new_s.m.values(), *new_s.v.values()]
+    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    ref = torch.autograd.grad(outs, leaves, cots)
+    after = optim.AdamState(1, {k: x.detach() for k, x in new_s.m.items()}, {k: x.detach() for k, x in new_s.v.items()})
+    adj_s = optim.AdamAdjoint(dict(zip(names, cots[2:4])), dict(zip(names, cots[4:6])))
+    adj_g, adj_prev, _ = optim.step_adjoint(opt, after, grads, dict(zip(names, cots[:2])), adj_s, upstream=upstream)
+    for i, k in enumerate(names):
+        torch.testing.assert_close(adj_g[k], ref[2 + i], rtol=1e-10, atol=1e-12)
+        if upstream:
+            torch.testing.assert_close(adj_prev[k], ref[i], rtol=1e-10, atol=1e-12)
+
+
+def test_first_step_adjoint_keeps_fp32_precision_where_the_update_saturates():
+    """|g| far past √eps_root: the first update is ±lr and du/dg = (eps_root + s·eps)/(s·d²),
+    tiny. Computed as 1/d − g²/(s·d²), fp32 kept it only to ~6e-8·g²/eps_root (12 % at
+    1,000·√eps_root); the closed form keeps fp32's rounding. Reference: autograd in fp64."""
+    opt = optim.AdamW(lr=5e-6, b1=0.9, b2=0.95, eps=1e-8, eps_root=1e-9, weight_decay=1e-4)
+    ratios = torch.tensor([0.1, 1.0, 10.0, 100.0, 1e3, 3e3, 1e4, -1e3], dtype=torch.float64)
+    g64 = {"w": ratios * opt.eps_root**0.5}
+    p64 = {"w": torch.linspace(-1, 1, len(ratios), dtype=torch.float64)}
+    a64 = {"w": torch.linspace(0.5, 2.0, len(ratios), dtype=torch.float64)}
+    leaf = g64["w"].clone().requires_grad_(True)
+    new_p, _ = optim.step(opt, p64, optim.init(opt, p64), {"w": leaf}, keep_state=False)
+    (ref,) = torch.autograd.grad(new_p["w"], leaf, a64["w"])
+    as32 = {k: {"w": d["w"].float()} for k, d in (("g", g64), ("p", p64), ("a", a64))}
+    _, state = optim.step(opt, as32["p"], optim.init(opt, as32["p"]), as32["g"])
+    adj_g, _, _ = optim.step_adjoint(opt, state, as32["g"], as32["a"], None, upstream=False)
+    rel = (adj_g["w"].double() - ref).abs() / ref.abs()
+    assert rel.max() < 1e-6, rel.tolist()
+
+
 def test_adamw_adjoint_is_finite_where_v_is_zero():
     """eps_root = 0 and a coordinate with no gradient ever: d√v/dv = ∞ there, but the true
     derivative is 0 (m = 0 too); the guard must give a finite, correct adjoint."""
