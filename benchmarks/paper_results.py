@@ -8,8 +8,8 @@ brings back: benchmarks/results/paper/NAME.evaluate.json (transfer check, rows `
 
 Prints one markdown table a demonstration (base generator, then each run's trained generator:
 Φ and the proxy and text figures of its transfer check, the mean over its seeds and their range)
-and writes DEMO.curves.png: Φ (or the reward), proxy, policy entropy and distinct-completion
-share against generated examples, every run of the demonstration overlaid. With --overlay NAME,
+and writes DEMO.curves.png: Φ (or the reward), proxy, policy entropy, distinct-completion and
+distinct-bigram shares against generated examples, every run of the demonstration overlaid. With --overlay NAME,
 the runs of all the named demonstrations (variants: DEMO_TAG) go on one figure, NAME.curves.png,
 each labelled with its demonstration.
 """
@@ -25,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dpg.data import distinct_share  # noqa: E402
+from dpg.data import distinct_ngrams, distinct_share  # noqa: E402
 from dpg.report import figures_table, plot_runs, read_rows, rows_from_console  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper"
@@ -65,8 +65,9 @@ def run_rows(demo: str) -> list[tuple[str, list[dict[str, float]] | None]]:
                 continue
             label = "base" if name == "base" else run if name == "trained" else f"{run} ({name})"
             text = r["text"]
-            if "distinct_share" not in text and r.get("samples"):  # files from before dpg evaluate reported it
-                text = text | {"distinct_share": distinct_share(r["samples"])}
+            if r.get("samples"):  # files from before dpg evaluate reported these: counted from the samples
+                counted = {"distinct_share": distinct_share(r["samples"]), "distinct_2": distinct_ngrams(r["samples"])}
+                text = counted | text
             rows.setdefault(label, []).append({"Φ": r["metric"], **r["proxy"], **text})
     return sorted(rows.items(), key=lambda item: item[0] != "base")  # base first, the rest as found
 

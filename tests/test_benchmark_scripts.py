@@ -93,16 +93,16 @@ def test_paper_results_table_averages_the_seeds_and_takes_base_once(tmp_path, mo
         return {"generator": generator, "metric": -acc, "proxy": {"pixel_accuracy": acc}, "text": {}}
 
     metagrad = [row("base", 0.25), row("base", 0.5), row("trained", 0.75), row("trained", 1.0)]
-    naive = [row("base", 0.125), row("trained", 0.5) | {"samples": ["a", "b", "a", "a"]}]  # no distinct_share
+    naive = [row("base", 0.125), row("trained", 0.5) | {"samples": ["a b", "c", "a b", "a b"]}]  # no text figures
     (tmp_path / "67.evaluate.json").write_text(json.dumps(metagrad))
     (tmp_path / "67-naive.evaluate.json").write_text(json.dumps(naive))
     (tmp_path / "67-naive.metrics.jsonl").write_text("")
     lines = paper_results.table("67").splitlines()
-    assert lines[0] == "| 67 | seeds | Φ | pixel_accuracy | distinct_share |"
-    assert lines[2:] == [  # a file from before evaluate reported distinct_share: counted from its samples
-        "| base | 2 | -0.375 [-0.5, -0.25] | 0.375 [0.25, 0.5] | — |",
-        "| metagrad | 2 | -0.875 [-1, -0.75] | 0.875 [0.75, 1] | — |",
-        "| naive | 1 | -0.5 | 0.5 | 0.5 |",
+    assert lines[0] == "| 67 | seeds | Φ | pixel_accuracy | distinct_share | distinct_2 |"
+    assert lines[2:] == [  # a file from before evaluate reported the text figures: counted from its samples
+        "| base | 2 | -0.375 [-0.5, -0.25] | 0.375 [0.25, 0.5] | — | — |",
+        "| metagrad | 2 | -0.875 [-1, -0.75] | 0.875 [0.75, 1] | — | — |",
+        "| naive | 1 | -0.5 | 0.5 | 0.5 | 0.3333 |",  # 2 of 4 texts distinct; the bigram (a b) thrice
     ]
 
 
@@ -605,3 +605,4 @@ def test_uuid_reward_shape_pool_holds_the_kinds_it_names():
     assert sum(uuid in r["text"] for r in rows) == 8
     sentences = [r["text"].rsplit(" ", 1)[0] if not r["id"].startswith("plain") else r["text"] for r in rows]
     assert len(set(sentences)) == 104
+

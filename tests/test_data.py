@@ -7,7 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpg import DpgError
-from dpg.data import builtin_texts, completion_text, decode_bytes, encode_texts, read_texts, valid_unicode
+from dpg.data import (
+    builtin_texts, completion_text, decode_bytes, distinct_ngrams, distinct_share, encode_texts, read_texts,
+    valid_unicode,
+)  # fmt: skip
 from dpg.models import byte_tokenizer, bytes_to_unicode
 
 EOT = 256
@@ -171,3 +174,20 @@ def test_fuzz_any_text_gives_the_layout_by_hand(tok, rows, max_length, with_prom
     assert int(ex.input_ids.min()) >= 0 and int(ex.input_ids.max()) < len(tok)
     for i, (text, prompt) in enumerate(rows):
         assert row(ex, i) == expected_row(text, prompt if with_prompts else "", max_length)
+
+
+def test_distinct_ngrams_by_hand():
+    texts = ["a b c", "a b d", "x"]  # bigrams (a b) (b c) (a b) (b d); words a b c a b d x
+    assert distinct_ngrams(texts, 2) == 3 / 4
+    assert distinct_ngrams(texts, 1) == 5 / 7
+    assert distinct_ngrams(texts, 3) == 1.0  # (a b c), (a b d)
+    assert distinct_ngrams(["one", ""], 2) == distinct_ngrams([], 2) == 1.0  # no bigram: nothing repeats
+    assert distinct_ngrams(["a\tb\n c"], 2) == 1.0  # any whitespace splits words
+
+
+def test_distinct_ngrams_sees_a_template_that_distinct_share_misses():
+    """One template with one word changed: every text distinct, most bigrams repeated."""
+    texts = [f"Lua Converter price {i} Mbps server" for i in range(10)]
+    assert distinct_share(texts) == 1.0
+    # 5 bigrams a text; "Lua Converter", "Converter price", "Mbps server" are shared by all ten
+    assert distinct_ngrams(texts, 2) == (3 + 2 * 10) / 50

@@ -27,7 +27,8 @@ def test_edit_distance_to_substring_by_hand(needle, haystack, d):
 
 def test_text_figures():
     f = text_figures(["id: 1234-5678", "id 1234-567x", "nothing", "nothing"], None, "1234-5678")
-    assert f == {"distinct_share": 3 / 4, "exact_rate": 1 / 4, "within_5_rate": 2 / 4}
+    # word bigrams: ("id:", "1234-5678") and ("id", "1234-567x"), both distinct; "nothing" has none
+    assert f == {"distinct_share": 3 / 4, "distinct_2": 1.0, "exact_rate": 1 / 4, "within_5_rate": 2 / 4}
 
 
 def test_sampling_is_seeded():

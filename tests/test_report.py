@@ -51,7 +51,7 @@ def test_batch_samples_names_the_texts_behind_the_share():
     means and the ranking."""
     pairs = [("a", 1.0), ("b", -2.0), ("a", 3.0), ("c", 0.5), ("b", 0.0), ("d", None), ("c", 0.5)]
     got = batch_samples(pairs, most_common=2)
-    assert got["distinct_share"] == 4 / 7
+    assert got["distinct_share"] == 4 / 7 and got["distinct_2"] == 1.0  # one-word texts: no bigram at all
     assert got["most_common"] == [{"text": "a", "count": 2, "reward": 2.0}, {"text": "b", "count": 2, "reward": -1.0}]
     assert got["best"] == {"text": "a", "count": 2, "reward": 2.0}
     assert got["worst"] == {"text": "b", "count": 2, "reward": -1.0}
@@ -80,7 +80,7 @@ def test_run_log_row_has_examples_entropy_and_distinct_share(tmp_path, capsys):
     from transformers import TrainerControl, TrainerState
 
     reward = DistinctShare(Scored())
-    reward(prompts=["p"] * 4, completions=["a", "a", "b", "c"])
+    reward(prompts=["p"] * 4, completions=["a x", "a x", "b x", "c x y"])  # bigrams: a x twice, b x, c x, x y
 
     log = RunLog(tmp_path, reward, FixedTimer(1.5), total_steps=10, per_step=8, png_every=0, batch=1024)
     state = TrainerState()
@@ -88,9 +88,9 @@ def test_run_log_row_has_examples_entropy_and_distinct_share(tmp_path, capsys):
     log.on_log(None, state, TrainerControl(), logs={"loss": 0.1, "entropy": 2.5, "reward": 0.0})
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert (row["step"], row["examples"], row["distinct_share"], row["trl/entropy"]) == (3, 3 * 1024, 0.75, 2.5)
-    assert row["phi"] == -0.5
+    assert row["distinct_2"] == 4 / 5 and row["phi"] == -0.5
     line = capsys.readouterr().out
-    assert line.startswith("step    3/10  Φ -0.5") and "entropy 2.5  distinct 0.75" in line
+    assert line.startswith("step    3/10  Φ -0.5") and "entropy 2.5  distinct 0.75  bigrams 0.80" in line
 
 
 def test_console_line_shows_the_inner_runs_gain():

@@ -205,6 +205,14 @@ def distinct_share(texts: list[str]) -> float:
     return len(set(texts)) / max(len(texts), 1)
 
 
+def distinct_ngrams(texts: list[str], n: int = 2) -> float:
+    """Distinct word n-grams / word n-grams over all texts ("distinct-n", Li et al. 2016; words
+    split at whitespace); 1.0 where no text has n words. Near 1 for varied texts; it falls when
+    a policy writes one template with small changes, which distinct_share (whole texts) misses."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def completion_text(completion) -> str:
     """TRL hands reward functions plain strings, or for chat models a list of messages
     [{"role": "assistant", "content": ...}]: the text either way."""

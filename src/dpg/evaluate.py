@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from dpg.config import TrainConfig
-from dpg.data import ascii_only, distinct_share, encode_texts, load_prompts
+from dpg.data import ascii_only, distinct_ngrams, distinct_share, encode_texts, load_prompts
 from dpg.errors import DpgError
 from dpg.metagrad.engine import fine_tune
 from dpg.metagrad.records import proxy_figures
@@ -44,7 +44,7 @@ class TransferResult(NamedTuple):
 
 
 def text_figures(samples: list[str], language: str | None, target_string: str | None) -> dict[str, float]:
-    figures = {"distinct_share": distinct_share(samples)}
+    figures = {"distinct_share": distinct_share(samples), "distinct_2": distinct_ngrams(samples, 2)}
     if language:
         from dpg.baselines import LanguageIdReward
 

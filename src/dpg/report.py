@@ -91,6 +91,8 @@ class RunLog(TrainerCallback):
         row |= figures
         if getattr(self.reward, "share", None) is not None:
             row["distinct_share"] = self.reward.share
+        if getattr(self.reward, "bigrams", None) is not None:
+            row["distinct_2"] = self.reward.bigrams
         # a skipped update's NaN grad_norm as null: metrics.jsonl stays strict JSON
         row |= {f"trl/{k}": v if math.isfinite(v) else None for k, v in logs.items() if isinstance(v, (int, float))}
         if self.skips is not None:
@@ -155,6 +157,8 @@ def console_line(row: dict[str, Any], total: int) -> str:
         parts.append(f"entropy {row['trl/entropy']:.3g}")
     if "distinct_share" in row:
         parts.append(f"distinct {row['distinct_share']:.2f}")
+    if "distinct_2" in row:
+        parts.append(f"bigrams {row['distinct_2']:.2f}")
     if "trl/completions/mean_length" in row:
         parts.append(f"len {row['trl/completions/mean_length']:.3g}")
     parts.append(
@@ -164,7 +168,8 @@ def console_line(row: dict[str, Any], total: int) -> str:
 
 
 CONSOLE_KEYS = {"Φ": "phi", "raw reward σ": "raw_std", "reward": "trl/reward", "entropy": "trl/entropy",
-                "distinct": "distinct_share", "len": "trl/completions/mean_length"}  # fmt: skip
+                "distinct": "distinct_share", "bigrams": "distinct_2",
+                "len": "trl/completions/mean_length"}  # fmt: skip
 
 
 def rows_from_console(text: str, batch: int) -> list[dict[str, Any]]:
@@ -216,15 +221,17 @@ CURVE_TITLES = {
     "trl/reward": "reward",
     "trl/entropy": "policy entropy (nats a token)",
     "distinct_share": "distinct completions (share)",
+    "distinct_2": "distinct word bigrams (share)",
 }
 
 
 def curve_keys(rows: list[dict[str, Any]]) -> list[str]:
     """What a run's curves show: Φ (or the reward, for baselines), each proxy, the policy's
-    entropy and the share of distinct completions, those the rows hold."""
+    entropy, the share of distinct completions and of distinct word bigrams, those the rows hold."""
     proxies = sorted({k for r in rows for k in r if k.startswith("proxy/")})
     first = "phi" if any("phi" in r for r in rows) else "trl/reward"
-    return [k for k in (first, *proxies, "trl/entropy", "distinct_share") if any(k in r for r in rows)]
+    keys = (first, *proxies, "trl/entropy", "distinct_share", "distinct_2")
+    return [k for k in keys if any(k in r for r in rows)]
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:

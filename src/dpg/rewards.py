@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dpg.data import completion_text, distinct_share, encode_texts
+from dpg.data import completion_text, distinct_ngrams, distinct_share, encode_texts
 from dpg.errors import DpgError
 from dpg.metagrad.parallel import data_parallel_group, summed
 from dpg.metagrad.engine import Examples, Recipe, example_metagrads, fine_tune
@@ -270,6 +270,7 @@ class DistinctShare:
         self.__name__ = getattr(reward, "__name__", type(reward).__name__)  # TRL names the reward's logs after it
         self.most_common = most_common
         self.share: float | None = None  # distinct completions / completions, last generated batch
+        self.bigrams: float | None = None  # distinct word bigrams / word bigrams, the same batch
         self.samples: dict[str, Any] | None = None  # the last batch's texts, as batch_samples gives them
         self.seconds = 0.0  # the wrapped reward's time since take_seconds() last ran
 
@@ -285,6 +286,7 @@ class DistinctShare:
             pairs = [pair for part in parts for pair in part]
         self.samples = batch_samples(pairs, self.most_common)
         self.share = self.samples["distinct_share"]
+        self.bigrams = self.samples["distinct_2"]
         return rewards
 
     def take_seconds(self) -> float:
@@ -299,9 +301,10 @@ class DistinctShare:
 
 
 def batch_samples(pairs: list[tuple[str, float]], most_common: int = 3) -> dict[str, Any]:
-    """What a generated batch of (completion text, reward) holds: the share of distinct texts, the
-    `most_common` texts with their counts, and the best and worst text; each text with its mean
-    reward over its copies (None where the reward gave None: TRL's "no reward here")."""
+    """What a generated batch of (completion text, reward) holds: the share of distinct texts and
+    of distinct word bigrams, the `most_common` texts with their counts, and the best and worst
+    text; each text with its mean reward over its copies (None where the reward gave None: TRL's
+    "no reward here")."""
     by_text: dict[str, list[float]] = {}
     for text, reward in pairs:
         by_text.setdefault(text, []).append(reward)
@@ -316,6 +319,7 @@ def batch_samples(pairs: list[tuple[str, float]], most_common: int = 3) -> dict[
     common = sorted(entries, key=lambda e: -e["count"])[:most_common]  # stable: first seen first among ties
     return {
         "distinct_share": distinct_share([text for text, _ in pairs]),
+        "distinct_2": distinct_ngrams([text for text, _ in pairs], 2),
         "most_common": common,
         "best": ranked[-1] if ranked else None,
         "worst": ranked[0] if ranked else None,
