@@ -606,3 +606,46 @@ def test_uuid_reward_shape_pool_holds_the_kinds_it_names():
     sentences = [r["text"].rsplit(" ", 1)[0] if not r["id"].startswith("plain") else r["text"] for r in rows]
     assert len(set(sentences)) == 104
 
+
+def test_adam_saturation_figures_by_hand():
+    """A 1 × 3 block with √eps_root = 0.01: gradients 0.5 (50×), −2 (200×) and 0 against the
+    pattern (+, +, −); the update moves a pixel by −sign(g)."""
+    import torch
+
+    saturation = load_script("adam_saturation").saturation
+    g = torch.tensor([[0.5, -2.0, 0.0]], dtype=torch.float64)
+    out = saturation(g, torch.tensor([[1.0, 1.0, -1.0]], dtype=torch.float64), eps_root=1e-4)
+    assert out["ratio"] == {"min": 0.0, "median": pytest.approx(50.0), "max": pytest.approx(200.0)}
+    assert out["share_past_100x"] == pytest.approx(1 / 3)
+    # −sign: (−, +, 0): pixel 0 wrong, pixel 1 right, pixel 2 unmoved (wrong: 0 matches neither sign)
+    assert out["saturated_accuracy"] == pytest.approx(1 / 3)
+    assert out["wrong"] == [{"pixel": [0, 0], "ratio": pytest.approx(50.0)}, {"pixel": [0, 2], "ratio": 0.0}]
+    # (eps_root/(g² + eps_root))^1.5: 1 at g = 0; (1/2501)^1.5 at 50×
+    assert out["factor"]["max"] == 1.0 and out["factor"]["median"] == pytest.approx(2501**-1.5)
+
+
+def test_adam_saturation_gradient_is_the_mean_token_loss_gradient_on_the_block():
+    """block_gradient, in microbatches, against autograd through the HF model's own logits: the
+    mean over texts of each text's mean token cross-entropy, on the pattern's block."""
+    import torch
+
+    from dpg.data import encode_texts
+    from dpg.metrics import pattern_metric
+    from dpg.models import load_model
+
+    block_gradient = load_script("adam_saturation").block_gradient
+    model, tok = load_model("tiny-gpt2", seed=3)
+    metric = pattern_metric(model, torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]]), 1, 40)
+    texts = ["the cat sat on the mat", "a b", "hello world, hello again", "x y z w v", "one"]
+    got = block_gradient(model, tok, metric, texts, 16, microbatch=2)
+
+    ex = encode_texts(tok, texts, 16)
+    weight = model.get_parameter(metric.head)
+    model.zero_grad()
+    logits = model(input_ids=ex.input_ids, attention_mask=ex.attention_mask).logits[:, :-1]
+    mask = ex.loss_mask[:, 1:].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ex.input_ids[:, 1:], reduction="none")
+    ((ce * mask).sum(1) / mask.sum(1)).mean().backward()
+    want = weight.grad[40:43, 1:3].T.double()
+    assert got.shape == (2, 3) and want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
