@@ -61,9 +61,10 @@ def test_check_prints_the_engine_scores_and_passes(capsys):
         direct = example_metagrads(model, examples, recipe, metric, dtype=torch.float64)
     # The checked examples are the largest and the smallest score, printed as the engine gives them.
     assert [int(row[0]) for row in table] == [int(direct.scores.argmax()), int(direct.scores.argmin())]
-    for index, engine, fd, _, error in table:
+    for index, engine, fd, _, error, resolution in table:
         assert float(engine) == pytest.approx(direct.scores[int(index)].item(), rel=1e-9)
         assert float(fd) == pytest.approx(float(engine), rel=1e-4) and float(error) <= 1e-4
+        assert float(resolution) < 1e-4  # these differences resolve the tolerance
     assert "PASS" in printed
 
 
@@ -97,3 +98,27 @@ def test_errors_are_one_clear_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_check_says_unresolved_where_rounding_hides_the_scores():
+    """Φ + 1e9: the same scores, but each Φ now rounds to ~1e-7, so a central difference at
+    h = 1e-3 cannot see below ~2e-4 (eps·2e9/2e-3): the check says UNRESOLVED, not FAIL, and
+    reports each difference's rounding; without the offset the same check passes."""
+    from dpg.check import CheckReport, CheckRow, check_metagrads, verdict
+
+    model, tok = load_model("tiny-gpt2", dtype=torch.float64)
+    examples = encode_texts(tok, builtin_texts()[:6], 64)
+    recipe, metric = CheckConfig().recipe, pattern_metric(model)
+    plain = check_metagrads(model, examples, recipe, metric, count=2, steps=(1e-3, 1e-4), fp32=False)
+    shifted = check_metagrads(model, examples, recipe, lambda p: metric(p) + 1e9, count=2, steps=(1e-3,), fp32=False)
+    assert plain.passed and verdict(plain).startswith("PASS")
+    assert [r.engine for r in shifted.rows] == pytest.approx([r.engine for r in plain.rows], rel=1e-9)
+    for r in shifted.rows:
+        scale = max(abs(r.engine), 1e-3 * max(abs(x.engine) for x in shifted.rows))
+        assert r.resolution == pytest.approx(torch.finfo(torch.float64).eps * 2e9 / 2e-3 / scale, rel=1e-6)
+    assert not shifted.passed and shifted.unresolved == [r.index for r in shifted.rows]
+    assert verdict(shifted).startswith("UNRESOLVED") and "Not verified" in verdict(shifted)
+    # an error beyond its difference's rounding is a failure, whatever the others
+    wrong = shifted._replace(rows=[*shifted.rows, CheckRow(9, 1.0, 1.1, 1e-3, 0.1, 1e-12)])
+    assert wrong.unresolved == shifted.unresolved and verdict(wrong).startswith("FAIL")
+    assert isinstance(wrong, CheckReport)
