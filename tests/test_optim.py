@@ -134,6 +134,20 @@ def test_first_step_adjoint_keeps_fp32_precision_where_the_update_saturates():
     assert rel.max() < 1e-6, rel.tolist()
 
 
+def test_first_step_adjoint_is_nan_where_g_squared_overflows():
+    """fp32, |g| = 1e20: v = (1−b2)·g² is ∞, the update there is 0 instead of ±lr, and no
+    derivative of it holds: NaN (the engine's finiteness check then names the cause), while
+    the other coordinates keep their value."""
+    opt = optim.AdamW(lr=1e-3, eps_root=1e-9)
+    p = {"a": torch.zeros(2)}
+    grads = {"a": torch.tensor([1e20, 1e-3])}
+    _, state = optim.step(opt, p, optim.init(opt, p), grads)
+    adj_g, _, _ = optim.step_adjoint(opt, state, grads, {"a": torch.ones(2)}, None, upstream=False)
+    s = (1e-6 + 1e-9) ** 0.5  # √(g² + eps_root) at g = 1e-3
+    assert torch.isnan(adj_g["a"][0])
+    assert adj_g["a"][1].item() == pytest.approx(-1e-3 * (1e-9 + s * 1e-8) / (s * (s + 1e-8) ** 2), rel=1e-5)
+
+
 def test_adamw_adjoint_is_finite_where_v_is_zero():
     """eps_root = 0 and a coordinate with no gradient ever: d√v/dv = ∞ there, but the true
     derivative is 0 (m = 0 too); the guard must give a finite, correct adjoint."""

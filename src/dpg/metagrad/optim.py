@@ -246,6 +246,10 @@ def _first_update_vjp(opt: AdamW, s: Tensor, d: Tensor, a_p: Tensor) -> Tensor:
     du/dg = (eps_root + s·eps)/(s·d²), d = s + eps. The route through m and v gives the same
     as 1/d − g²/(s·d²): two terms of size 1/s whose difference is eps_root/s³, which fp32 keeps
     only to ~6e-8·g²/eps_root relative error (12 % at |g| = 1,000·√eps_root, noise beyond).
-    Where s = 0 (eps_root = 0, g = 0) du/dg is 1/eps: the eps_root term is 0 there, not 0/0."""
+    Where s = 0 (eps_root = 0, g = 0) du/dg is 1/eps: the eps_root term is 0 there, not 0/0.
+    Where g² overflowed (s = ∞) the update itself came from an overflowed v (u = 0, not ±1), so
+    no derivative of it holds: NaN there, as the two routes gave (∞ − ∞), for the engine's
+    finiteness check to name the cause."""
     own = torch.where(s > 0, opt.eps_root / (s * d * d), 0.0) if opt.eps_root else 0.0
-    return (-opt.lr) * a_p * (own + opt.eps / (d * d))
+    vjp = (-opt.lr) * a_p * (own + opt.eps / (d * d))
+    return torch.where(torch.isinf(s), torch.nan, vjp)
