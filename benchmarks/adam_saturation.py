@@ -35,6 +35,7 @@ def block_gradient(model, tok, metric: PatternMetric, texts: list[str], max_leng
     `texts` of each text's mean token loss, as the inner step takes it."""
     examples = encode_texts(tok, texts, max_length)
     h, w = metric.pattern.shape
+    vocab, hidden = metric.vocab_offset, metric.hidden_offset
     with prepared(model, torch.float32, torch.device("cpu")) as target:
         total = None
         for start in range(0, len(texts), microbatch):
@@ -42,7 +43,6 @@ def block_gradient(model, tok, metric: PatternMetric, texts: list[str], max_leng
             rows = (x[idx] for x in examples)
             mb = make_microbatch(idx, *rows, torch.ones(len(idx)), torch.float32)
             grads = batch_loss_grad(target, target.params, mb, len(texts))[0][metric.head]
-            vocab, hidden = metric.vocab_offset, metric.hidden_offset
             block = grads[vocab : vocab + w, hidden : hidden + h]
             total = block.double() if total is None else total + block.double()
     return total.T

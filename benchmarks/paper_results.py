@@ -25,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dpg.data import distinct_ngrams, distinct_share  # noqa: E402
+from dpg.evaluate import text_figures  # noqa: E402
 from dpg.report import figures_table, plot_runs, read_rows, rows_from_console  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper"
@@ -65,9 +65,8 @@ def run_rows(demo: str) -> list[tuple[str, list[dict[str, float]] | None]]:
                 continue
             label = "base" if name == "base" else run if name == "trained" else f"{run} ({name})"
             text = r["text"]
-            if r.get("samples"):  # files from before dpg evaluate reported these: counted from the samples
-                counted = {"distinct_share": distinct_share(r["samples"]), "distinct_2": distinct_ngrams(r["samples"])}
-                text = counted | text
+            if r.get("samples") and not {"distinct_share", "distinct_2"} <= text.keys():
+                text = text_figures(r["samples"], None, None) | text  # a file from before evaluate reported them
             rows.setdefault(label, []).append({"Φ": r["metric"], **r["proxy"], **text})
     return sorted(rows.items(), key=lambda item: item[0] != "base")  # base first, the rest as found
 

@@ -91,8 +91,8 @@ class RunLog(TrainerCallback):
         row |= figures
         if getattr(self.reward, "share", None) is not None:
             row["distinct_share"] = self.reward.share
-        if getattr(self.reward, "bigrams", None) is not None:
-            row["distinct_2"] = self.reward.bigrams
+        if getattr(self.reward, "samples", None) is not None:  # DistinctShare's batch: its distinct_2 too
+            row["distinct_2"] = self.reward.samples["distinct_2"]
         # a skipped update's NaN grad_norm as null: metrics.jsonl stays strict JSON
         row |= {f"trl/{k}": v if math.isfinite(v) else None for k, v in logs.items() if isinstance(v, (int, float))}
         if self.skips is not None:

@@ -270,7 +270,6 @@ class DistinctShare:
         self.__name__ = getattr(reward, "__name__", type(reward).__name__)  # TRL names the reward's logs after it
         self.most_common = most_common
         self.share: float | None = None  # distinct completions / completions, last generated batch
-        self.bigrams: float | None = None  # distinct word bigrams / word bigrams, the same batch
         self.samples: dict[str, Any] | None = None  # the last batch's texts, as batch_samples gives them
         self.seconds = 0.0  # the wrapped reward's time since take_seconds() last ran
 
@@ -286,7 +285,6 @@ class DistinctShare:
             pairs = [pair for part in parts for pair in part]
         self.samples = batch_samples(pairs, self.most_common)
         self.share = self.samples["distinct_share"]
-        self.bigrams = self.samples["distinct_2"]
         return rewards
 
     def take_seconds(self) -> float:
